@@ -1,0 +1,223 @@
+"""``PINetDataModule``: datasets, loaders and collates (keyword names fixed by
+docs/architecture.md, Hydra instantiates them).
+
+Data comes from explicit ``train`` / ``val`` / ``test`` ``{"images": dir, "annotations": json}``
+entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
+``synthetic.root/{train,val}`` (cached: a ``synthetic_meta.json`` beside each annotation file
+records the knobs, and a set whose knobs match is not regenerated). The synthetic ``val`` set
+is also the test set unless ``test`` is given.
+
+The train loader shuffles with the default sampler: under DDP Lightning swaps in a
+``DistributedSampler`` itself (``use_distributed_sampler``), so none is created here. The
+eval collate stacks images of one size; when sizes differ it raises (use
+``eval_batch_size=1``, the default).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from pinet_lightning.datasets import CocoKeypointDataset
+from pinet_lightning.layouts import get_layout
+
+__all__ = ["PINetDataModule", "train_collate", "eval_collate", "SYNTHETIC_DEFAULTS"]
+
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "root": "data/synthetic",
+    "num_train": 200,
+    "num_val": 50,
+    "image_size": 512,
+    "min_people": 2,
+    "max_people": 8,
+    "overlap": 0.5,
+    "seed": 0,
+}
+_SYNTHETIC_VERSION = 1  # bump when the generator's output changes
+
+
+def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack every key of the training samples."""
+    return {key: torch.stack([s[key] for s in batch]) for key in batch[0]}
+
+
+def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images (one size per batch) and back transforms; ids and sizes stay lists."""
+    shapes = {tuple(s["image"].shape) for s in batch}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"eval batch holds images of different sizes {sorted(shapes)}; set "
+            "data.eval_batch_size=1 (the default) or use images of one aspect ratio"
+        )
+    return {
+        "image": torch.stack([s["image"] for s in batch]),
+        "back_transform": torch.stack([s["back_transform"] for s in batch]),
+        "image_id": [int(s["image_id"]) for s in batch],
+        "orig_size": [tuple(s["orig_size"]) for s in batch],
+    }
+
+
+def _split_entry(entry: Mapping[str, Any] | None, name: str) -> tuple[Path, Path] | None:
+    if entry is None:
+        return None
+    if "images" not in entry or "annotations" not in entry:
+        raise ValueError(f"data.{name} needs 'images' (folder) and 'annotations' (json), "
+                         f"got keys {sorted(entry)}")  # fmt: skip
+    return Path(str(entry["images"])), Path(str(entry["annotations"]))
+
+
+class PINetDataModule(pl.LightningDataModule):
+    """Datasets and loaders for PINet training and evaluation (see the module docstring)."""
+
+    def __init__(
+        self,
+        layout: Any = "crowdpose",
+        protocol: str = "crowdpose",
+        train: Mapping[str, Any] | None = None,
+        val: Mapping[str, Any] | None = None,
+        test: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        input_size: int = 512,
+        output_stride: int = 4,
+        targets: Mapping[str, Any] | None = None,
+        augmentation: Mapping[str, Any] | None = None,
+        batch_size: int = 20,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.layout = get_layout(layout)
+        if protocol not in ("coco", "crowdpose"):
+            raise ValueError(f"protocol must be 'coco' or 'crowdpose', got '{protocol}'")
+        self.protocol = protocol
+        self.input_size = int(input_size)
+        self.output_stride = int(output_stride)
+        self.targets = {"sigma": 2.0, "radius": 2, "bg_weight": 0.1, "min_part_area": 0.0,
+                        **dict(targets or {})}  # fmt: skip
+        self.augmentation = {"max_rotation": 30.0, "min_scale": 0.75, "max_scale": 1.5,
+                             "max_translate": 40.0, "flip_prob": 0.5,
+                             **dict(augmentation or {})}  # fmt: skip
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+
+        self.synthetic = None if synthetic is None else {**SYNTHETIC_DEFAULTS, **dict(synthetic)}
+        self.splits: dict[str, tuple[Path, Path] | None] = {
+            "train": _split_entry(train, "train"),
+            "val": _split_entry(val, "val"),
+            "test": _split_entry(test, "test"),
+        }
+        if self.synthetic is not None:
+            root = Path(str(self.synthetic["root"]))
+            for split in ("train", "val"):
+                if self.splits[split] is None:
+                    out = root / split
+                    self.splits[split] = (out / "images", out / "annotations.json")
+            if self.splits["test"] is None:
+                self.splits["test"] = self.splits["val"]
+        self.train_dataset: CocoKeypointDataset | None = None
+        self.val_dataset: CocoKeypointDataset | None = None
+        self.test_dataset: CocoKeypointDataset | None = None
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def val_annotation_file(self) -> str | None:
+        return None if self.splits["val"] is None else str(self.splits["val"][1])
+
+    @property
+    def test_annotation_file(self) -> str | None:
+        return None if self.splits["test"] is None else str(self.splits["test"][1])
+
+    # ------------------------------------------------------------------ data
+    def _synthetic_knobs(self, split: str) -> dict[str, Any]:
+        cfg = self.synthetic or {}
+        return {
+            "num_images": int(cfg[f"num_{split}"]),
+            "image_size": int(cfg["image_size"]),
+            "min_people": int(cfg["min_people"]),
+            "max_people": int(cfg["max_people"]),
+            "overlap": float(cfg["overlap"]),
+            "layout": self.layout.to_dict(),
+            # val draws other scenes than train
+            "seed": int(cfg["seed"]) + (0 if split == "train" else 1_000_003),
+        }
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic crowd once (rank 0 of each node; skipped when cached)."""
+        if self.synthetic is None:
+            return
+        from pinet_lightning.synthetic import generate_synthetic_crowd
+
+        root = Path(str(self.synthetic["root"]))
+        for split in ("train", "val"):
+            knobs = self._synthetic_knobs(split)
+            out = root / split
+            meta_path = out / "synthetic_meta.json"
+            meta = {**knobs, "version": _SYNTHETIC_VERSION}
+            if (out / "annotations.json").is_file() and meta_path.is_file():
+                try:
+                    if json.loads(meta_path.read_text()) == meta:
+                        continue
+                except json.JSONDecodeError:
+                    pass
+            generate_synthetic_crowd(out, **knobs)
+            meta_path.write_text(json.dumps(meta, indent=1))
+
+    def _dataset(self, split: str, train: bool) -> CocoKeypointDataset:
+        entry = self.splits[split]
+        if entry is None:
+            raise ValueError(f"no {split} data configured: set data.{split}.images/annotations "
+                             "or data.synthetic")  # fmt: skip
+        return CocoKeypointDataset(
+            entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
+            output_stride=self.output_stride, targets=self.targets,
+            augmentation=self.augmentation,
+        )  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset("train", train=True)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            if self.splits["val"] is not None:
+                self.val_dataset = self._dataset("val", train=False)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._dataset("test", train=False)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, batch_size: int, shuffle: bool, collate, drop_last=False):
+        workers = self.num_workers
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate, drop_last=drop_last,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        ds = self.train_dataset
+        # drop the ragged last batch (batch norm, proposal count); keep it for tiny sets
+        return self._loader(ds, self.batch_size, True, train_collate,
+                            drop_last=len(ds) > self.batch_size)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, False, eval_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._loader(self.test_dataset, self.eval_batch_size, False, eval_collate)

@@ -1,0 +1,302 @@
+"""COCO-format keypoint datasets (any layout) for training and evaluation.
+
+Train mode returns the training sample of docs/architecture.md: ``image`` uint8 (3, S, S)
+after :class:`~pinet_lightning.augmentation.TrainAugmentation` and the six PINet targets from
+:class:`~pinet_lightning.targets.PINetTargetCodec`, computed in the loader worker. Eval mode
+returns ``image`` uint8 (3, H, W) from :func:`~pinet_lightning.augmentation.inference_resize`,
+``back_transform`` (2, 3), ``image_id`` and ``orig_size`` (h, w).
+
+Choices:
+
+- Keypoints go from input pixels to output cells with the pixel-center convention:
+  ``x_out = (x_in - (stride - 1) / 2) / stride`` (cell ``i`` is the center of input pixels
+  ``4i .. 4i + 3``), the inverse of decoding's ``x_in = stride * x_out + 1.5``; the ignore
+  mask is shrunk by area averaging, which uses the same alignment.
+- The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
+  where a box is missing) times the determinant of the augmentation.
+- Ignore mask (0 = ignore): crowd regions (``iscrowd`` 1) and annotated people with no
+  keypoints, from their segmentation (RLE or polygons, pycocotools) or, without one, their
+  box. It is warped with the image and shrunk to the output size (a cell is ignored when
+  at least half of it is).
+- Train mode keeps the images with at least one non-crowd person with keypoints.
+
+Official layouts of the path presets (:func:`dataset_paths`):
+
+- ``crowdpose`` (github.com/Jeff-sjtu/CrowdPose): ``root/images/*.jpg`` and
+  ``root/json/crowdpose_{train,val,trainval,test}.json``.
+- ``coco`` (cocodataset.org 2017): ``root/{train2017,val2017}/`` and
+  ``root/annotations/person_keypoints_{train2017,val2017}.json``.
+- ``ochuman`` (github.com/liruilong940607/OCHumanApi): ``root/images/`` and
+  ``root/ochuman_coco_format_{val,test}_range_0.00_1.00.json``.
+- ``custom``: explicit ``images`` and ``annotations`` paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from pinet_lightning.augmentation import TrainAugmentation, inference_resize
+from pinet_lightning.layouts import Layout, get_layout
+
+__all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "DATASET_PRESETS"]
+
+log = logging.getLogger(__name__)
+
+DATASET_PRESETS = ("crowdpose", "coco", "ochuman", "custom")
+
+
+def dataset_paths(
+    name: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    images: str | Path | None = None,
+    annotations: str | Path | None = None,
+) -> tuple[Path, Path]:
+    """(images dir, annotation json) of a dataset laid out as its official release.
+
+    ``split``: crowdpose ``train`` / ``val`` / ``trainval`` / ``test``; coco ``train`` /
+    ``val`` (or ``train2017`` / ``val2017``); ochuman ``val`` / ``test``. ``custom`` takes
+    ``images`` and ``annotations`` (``root`` optional: relative paths are joined to it).
+    """
+    key = name.lower()
+    base = Path(root) if root is not None else None
+    if key == "custom":
+        if images is None or annotations is None:
+            raise ValueError("dataset 'custom' needs explicit images=<dir> and annotations=<json>")
+        img, ann = Path(images), Path(annotations)
+        if base is not None:
+            img, ann = base / img, base / ann
+        return img, ann
+    if key not in DATASET_PRESETS:
+        raise ValueError(f"unknown dataset preset '{name}'; known: {list(DATASET_PRESETS)}")
+    if base is None:
+        raise ValueError(f"dataset preset '{name}' needs root=<dataset folder>")
+    if key == "crowdpose":
+        return base / "images", base / "json" / f"crowdpose_{split}.json"
+    if key == "coco":
+        s = split if split.endswith("2017") else f"{split}2017"
+        return base / s, base / "annotations" / f"person_keypoints_{s}.json"
+    return base / "images", base / f"ochuman_coco_format_{split}_range_0.00_1.00.json"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); EXIF orientation ignored (annotations use the stored pixels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist; check the images folder")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise OSError(f"cannot decode image {path}: the file is corrupt or not an image; "
+                      "replace it or remove it from the annotation file")  # fmt: skip
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _load_coco(annotation_file: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        try:
+            return COCO(str(annotation_file))
+        except Exception as exc:  # json errors, missing keys
+            raise ValueError(f"cannot read COCO annotations {annotation_file}: {exc}") from exc
+
+
+class CocoKeypointDataset(Dataset):
+    """A COCO keypoint file read with pycocotools, for any layout.
+
+    Args:
+        images_dir: folder the ``file_name`` of each image is relative to.
+        annotation_file: COCO keypoint json.
+        layout: layout name, mapping or :class:`Layout`; its keypoint count must match the file.
+        train: training samples (augmentation + targets) or evaluation samples.
+        input_size: S, the square training input and the inference short side.
+        output_stride: input pixels per output cell.
+        targets: codec settings (``sigma``, ``radius``, ``bg_weight``, ``min_part_area``, ...).
+        augmentation: ``max_rotation``, ``min_scale``, ``max_scale``, ``max_translate``,
+            ``flip_prob``.
+        multiple: the inference long side is rounded up to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotation_file: str | Path,
+        layout: str | Mapping[str, Any] | Layout = "crowdpose",
+        train: bool = True,
+        input_size: int = 512,
+        output_stride: int = 4,
+        targets: Mapping[str, Any] | None = None,
+        augmentation: Mapping[str, Any] | None = None,
+        multiple: int = 64,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(
+                f"annotation file {self.annotation_file} does not exist; check the dataset root "
+                "and split (see pinet_lightning.datasets.dataset_paths for the expected layout)"
+            )
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.images_dir} does not exist; check the "
+                                    f"dataset root (images of {self.annotation_file})")  # fmt: skip
+        if input_size % output_stride:
+            raise ValueError(f"input_size {input_size} must be a multiple of the output stride "
+                             f"{output_stride}")  # fmt: skip
+        self.layout = get_layout(layout)
+        self.train = bool(train)
+        self.input_size = int(input_size)
+        self.output_stride = int(output_stride)
+        self.multiple = int(multiple)
+        self.cell_offset = (self.output_stride - 1) / 2.0  # output cell center in input px
+        self.coco = _load_coco(self.annotation_file)
+        self._check_keypoint_count()
+        ids = sorted(self.coco.getImgIds())
+        if self.train:
+            keep = [i for i in ids if self._has_people(i)]
+            skipped = len(ids) - len(keep)
+            if skipped:
+                log.info("%s: training on %d images, skipped %d without annotated keypoints",
+                         self.annotation_file.name, len(keep), skipped)  # fmt: skip
+            ids = keep
+        self.image_ids = ids
+        self._seeded_for: int | None = None
+        if self.train:
+            from pinet_lightning.targets import PINetTargetCodec
+
+            out = self.input_size // self.output_stride
+            self.codec = PINetTargetCodec(self.layout, (out, out), **dict(targets or {}))
+            self.augment = TrainAugmentation(self.layout.flip_index, self.input_size,
+                                             **dict(augmentation or {}))  # fmt: skip
+
+    # ------------------------------------------------------------------ checks and reading
+    def _check_keypoint_count(self) -> None:
+        k = self.layout.num_keypoints
+        counts = {len(c["keypoints"]) for c in self.coco.loadCats(self.coco.getCatIds())
+                  if "keypoints" in c}  # fmt: skip
+        counts |= {len(a["keypoints"]) // 3 for a in self.coco.dataset.get("annotations", [])[:200]
+                   if "keypoints" in a}  # fmt: skip
+        bad = counts - {k}
+        if bad:
+            raise ValueError(
+                f"{self.annotation_file}: annotations have {sorted(bad)} keypoints but layout "
+                f"'{self.layout.name}' has {k}; choose the matching layout (e.g. data.layout="
+                "crowdpose for 14, coco/ochuman for 17) or describe yours in conf/layout/"
+            )
+
+    def _annotations(self, image_id: int) -> list[dict]:
+        return self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))
+
+    @staticmethod
+    def _is_person(ann: dict) -> bool:
+        return not ann.get("iscrowd", 0) and _num_keypoints(ann) > 0
+
+    def _has_people(self, image_id: int) -> bool:
+        return any(self._is_person(a) for a in self._annotations(image_id))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load(self, index: int) -> tuple[np.ndarray, dict, list[dict]]:
+        """Image (RGB), its COCO image record and annotations."""
+        image_id = self.image_ids[index]
+        info = self.coco.loadImgs(image_id)[0]
+        try:
+            image = read_image(self.images_dir / info["file_name"])
+        except (FileNotFoundError, OSError) as exc:
+            raise type(exc)(f"{exc} (image id {image_id} of {self.annotation_file})") from None
+        return image, info, self._annotations(image_id)
+
+    def people(self, anns: list[dict], height: int, width: int) -> tuple[np.ndarray, ...]:
+        """Keypoints (N, K, 3), boxes (N, 4) xywh, ignore mask (H, W) uint8 (0 = ignore)."""
+        k = self.layout.num_keypoints
+        persons = [a for a in anns if self._is_person(a)]
+        kps = np.array([a["keypoints"] for a in persons], dtype=np.float64).reshape(-1, k, 3)
+        boxes = np.array([a.get("bbox") or _hull(kp) for a, kp in zip(persons, kps, strict=True)],
+                         dtype=np.float64).reshape(-1, 4)  # fmt: skip
+        mask = np.ones((height, width), np.uint8)
+        for a in anns:
+            if a.get("iscrowd", 0) or _num_keypoints(a) == 0:
+                mask[_region(a, height, width) > 0] = 0
+        return kps, boxes, mask
+
+    # ------------------------------------------------------------------ samples
+    def _maybe_reseed(self) -> None:
+        # Forked loader workers inherit one albumentations generator: reseed from torch's
+        # per-worker seed (it changes per worker and per epoch) so augmentations differ.
+        seed = torch.initial_seed()
+        if seed != self._seeded_for:
+            self.augment.reseed(seed)
+            self._seeded_for = seed
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, info, anns = self.load(index)
+        h, w = image.shape[:2]
+        if not self.train:
+            resized, back = inference_resize(image, self.input_size, self.multiple)
+            return {
+                "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+                "back_transform": torch.from_numpy(back.astype(np.float32)),
+                "image_id": int(info["id"]),
+                "orig_size": (h, w),
+            }
+        self._maybe_reseed()
+        kps, boxes, mask = self.people(anns, h, w)
+        out = self.augment(image, kps, mask=mask, boxes=boxes, areas=boxes[:, 2] * boxes[:, 3])
+        cells = out["keypoints"].copy()
+        cells[..., :2] = (cells[..., :2] - self.cell_offset) / self.output_stride
+        size = self.input_size // self.output_stride
+        small = cv2.resize(out["mask"].astype(np.float32), (size, size),
+                           interpolation=cv2.INTER_AREA)  # fmt: skip
+        ignore = (small >= 0.5).astype(np.float32)
+        targets = self.codec.encode(cells, out["areas"], ignore_mask=ignore)
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        }
+        sample.update({key: torch.from_numpy(v) for key, v in targets.items()})
+        return sample
+
+
+def _num_keypoints(ann: dict) -> int:
+    if "num_keypoints" in ann:
+        return int(ann["num_keypoints"])
+    kp = ann.get("keypoints") or []
+    return int(sum(1 for v in kp[2::3] if v > 0))
+
+
+def _hull(kp: np.ndarray) -> list[float]:
+    lab = kp[kp[:, 2] > 0, :2]
+    if not len(lab):
+        return [0.0, 0.0, 0.0, 0.0]
+    lo, hi = lab.min(0), lab.max(0)
+    return [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])]
+
+
+def _region(ann: dict, height: int, width: int) -> np.ndarray:
+    """Pixel mask of an annotation: its segmentation (RLE / polygons), else its box."""
+    seg = ann.get("segmentation")
+    if seg:
+        if isinstance(seg, list):
+            rles = mask_utils.frPyObjects(seg, height, width)
+            rle = mask_utils.merge(rles)
+        elif isinstance(seg["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        return mask_utils.decode(rle)
+    m = np.zeros((height, width), np.uint8)
+    if ann.get("bbox"):
+        x, y, bw, bh = ann["bbox"]
+        x0, y0 = max(int(np.floor(x)), 0), max(int(np.floor(y)), 0)
+        x1, y1 = min(int(np.ceil(x + bw)), width), min(int(np.ceil(y + bh)), height)
+        m[y0:y1, x0:x1] = 1
+    return m
