@@ -183,12 +183,15 @@ class CocoKeypointDataset(Dataset):
         k = self.layout.num_keypoints
         counts = {len(c["keypoints"]) for c in self.coco.loadCats(self.coco.getCatIds())
                   if "keypoints" in c}  # fmt: skip
-        counts |= {len(a["keypoints"]) // 3 for a in self.coco.dataset.get("annotations", [])[:200]
-                   if "keypoints" in a}  # fmt: skip
+        wrong = [a for a in self.coco.dataset.get("annotations", [])
+                 if "keypoints" in a and len(a["keypoints"]) != 3 * k]  # fmt: skip
+        counts |= {len(a["keypoints"]) // 3 for a in wrong}
         bad = counts - {k}
         if bad:
+            first = f" (first: annotation id {wrong[0].get('id')})" if wrong else ""
             raise ValueError(
-                f"{self.annotation_file}: annotations have {sorted(bad)} keypoints but layout "
+                f"{self.annotation_file}: annotations have {sorted(bad)} keypoints{first} "
+                f"but layout "
                 f"'{self.layout.name}' has {k}; choose the matching layout (e.g. data.layout="
                 "crowdpose for 14, coco/ochuman for 17) or describe yours in conf/layout/"
             )
