@@ -1,0 +1,361 @@
+"""``PINetModule``: the LightningModule that trains PINet and evaluates it with DDP gathering.
+
+Gotchas (read before changing):
+
+- Hyperparameters are plain python (dicts, lists, str): Hydra's DictConfig is converted in
+  ``__init__``, so a checkpoint alone rebuilds the network (the Predictor relies on
+  ``hyper_parameters["layout"|"network"|"decode"]`` and on ``state_dict`` keys ``net.*``).
+  ``network.pretrained`` is written as ``None`` into checkpoints: the weights are in the
+  state dict and the ImageNet file may not exist where the checkpoint is loaded.
+- Training losses are logged twice: ``train/<name>`` on every step without a DDP sync, and
+  ``train/<name>_epoch`` on the epoch with ``sync_dist=True``. Lightning's ``sync_dist``
+  applies to step values too (one all-reduce per step), which is why there are two calls.
+- Gradient clipping and bf16-mixed are the Trainer's (``gradient_clip_val``,
+  ``precision="bf16-mixed"``): nothing to do here; the losses compute in float32 anyway.
+- ``channels_last`` / ``compile`` ("auto", True, False) are applied in ``configure_model``
+  where the trainer's device is known; "auto" means on CUDA only. ``compile`` compiles the
+  backbone + heads forward used by ``training_step`` (static shapes); evaluation runs the
+  eager network because its image sizes vary (a compiled graph would recompile per size).
+  The compiled callable is kept outside the module tree so checkpoint keys stay ``net.*``.
+- Evaluation: every rank keeps ``{image_id: [COCO result dicts]}`` (an image with no pose
+  keeps an empty list, so its padded duplicate is still recognised). At epoch end the dicts
+  are gathered with ``all_gather_object``, merged keeping the first copy of each image (the
+  DistributedSampler pads duplicates), evaluated ONCE on rank 0, and the metric dict is
+  broadcast so every rank logs identical values (logged with a "max" sync, exact for equal
+  values, which silences Lightning's "use sync_dist" warning). An evaluator error on rank 0
+  is broadcast too and raised on every rank (no rank left waiting). Besides the protocol's
+  metrics, ``<stage>/images`` (unique images evaluated) and ``<stage>/poses`` are logged.
+- Subclasses may override ``_predict_batch(batch) -> {image_id: [COCO result dicts]}`` (the
+  tests do, with an oracle) to evaluate other predictions through the same gather path.
+- Sanity check: evaluation RUNS during ``trainer.sanity_checking`` on the few sanity batches
+  (results written to ``results/val_sanity.json``): it proves gather + evaluator work before
+  hours of training. Lightning discards the values it logs then. The metrics are computed
+  over every image of the ground truth, so partial validation (``limit_val_batches``, the
+  sanity check) gives low AP: only full passes are comparable.
+- The ground truth comes from ``val_annotation_file`` / ``test_annotation_file`` /
+  ``eval_protocol`` given to this module when set (overrides), else from the datamodule's
+  attributes of the same names (``protocol``), else the protocol is ``crowdpose`` for the
+  CrowdPose layout and ``coco`` otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from pinet_lightning.decoding import DecodeConfig, predict_poses
+from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
+from pinet_lightning.layouts import Layout, get_layout
+from pinet_lightning.losses import PINetLoss
+from pinet_lightning.model import PINet
+
+__all__ = ["PINetModule", "merge_gathered_results", "resolve_switch"]
+
+NETWORK_DEFAULTS: dict[str, Any] = {"backbone": "hrnet_w32", "pretrained": None,
+                                    "refine_layers": 3, "feature_channels": None}
+LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
+                                 "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40}
+OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
+DECODE_DEFAULTS: dict[str, Any] = {"flip_test": True, "top_k": 30, "score_threshold": 0.01,
+                                   "oks_threshold": 0.7, "scales": [1.0]}
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers, tuples and Layouts -> plain dicts / lists / scalars."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    if isinstance(value, Layout):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = True
+           ) -> dict[str, Any]:
+    """Defaults updated by the given mapping; unknown keys are an error when ``strict``."""
+    given = _plain(given) if given is not None else {}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"module.py: PINetModule({name}=...) must be a mapping, "
+                        f"not {type(given).__name__}")
+    unknown = sorted(set(given) - set(defaults))
+    if strict and unknown:
+        raise ValueError(f"module.py: unknown PINetModule {name} keys {unknown}; "
+                         f"known: {sorted(defaults)} (fix the {name} section of the config)")
+    return {**copy.deepcopy(dict(defaults)), **given}
+
+
+def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
+    """``"auto"`` -> on when ``device`` is CUDA; booleans (or "true"/"false") pass through."""
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered == "auto":
+            return device.type == "cuda"
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        raise ValueError(f"module.py: {name} must be 'auto', true or false, not '{value}'")
+    return bool(value)
+
+
+def merge_gathered_results(gathered: Iterable[Mapping[int, Sequence[dict]]]
+                           ) -> tuple[list[dict], list[int]]:
+    """Merge per-rank ``{image_id: results}`` dicts, keeping one copy of each image.
+
+    The DistributedSampler pads the last ranks with repeats of the first images, so an image
+    may arrive from two ranks; the first copy (lowest rank) is kept, every other image is
+    kept whole. Returns (flat COCO results ordered by image id, the unique image ids).
+    """
+    merged: dict[int, Sequence[dict]] = {}
+    for part in gathered:
+        for image_id, results in part.items():
+            merged.setdefault(int(image_id), results)
+    image_ids = sorted(merged)
+    flat = [r for image_id in image_ids for r in merged[image_id]]
+    return flat, image_ids
+
+
+class PINetModule(pl.LightningModule):
+    """PINet training (SPEC 4, 6) and evaluation (SPEC 5, 7) in Lightning.
+
+    Args:
+        layout: layout name or mapping (stored as given; see :func:`get_layout`).
+        network: ``PINet`` keyword arguments (backbone, pretrained, refine_layers).
+        loss: ``PINetLoss`` keyword arguments (SPEC 4 weights, beta, proposals per part).
+        optimizer: Adam ``lr``, MultiStepLR ``milestones`` (in epochs) and ``gamma``.
+        decode: ``DecodeConfig`` fields used by validation / test / predict.
+        channels_last, compile: "auto" (on CUDA only), True or False.
+        eval_protocol, val_annotation_file, test_annotation_file: overrides of the
+            datamodule's ``protocol`` / annotation files for evaluation.
+    """
+
+    def __init__(
+        self,
+        layout: str | Mapping[str, Any] | Layout = "crowdpose",
+        network: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        decode: Mapping[str, Any] | None = None,
+        channels_last: bool | str = "auto",
+        compile: bool | str = "auto",
+        eval_protocol: str | None = None,
+        val_annotation_file: str | None = None,
+        test_annotation_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        layout = _plain(layout)
+        network = _merge("network", NETWORK_DEFAULTS, network, strict=False)
+        loss = _merge("loss", LOSS_DEFAULTS, loss)
+        optimizer = _merge("optimizer", OPTIMIZER_DEFAULTS, optimizer)
+        decode = _merge("decode", DECODE_DEFAULTS, decode, strict=False)
+        self.save_hyperparameters({
+            "layout": layout, "network": network, "loss": loss, "optimizer": optimizer,
+            "decode": decode, "channels_last": _plain(channels_last), "compile": _plain(compile),
+            "eval_protocol": eval_protocol,
+            "val_annotation_file": None if val_annotation_file is None
+            else str(val_annotation_file),
+            "test_annotation_file": None if test_annotation_file is None
+            else str(test_annotation_file),
+        })
+        self.layout = get_layout(layout)
+        self.net = PINet(self.layout, **network)
+        self.criterion = PINetLoss(**loss)
+        self.decode_cfg = self._decode_config(decode)
+        self._channels_last = False
+        self._compiled = False
+        self._eval_results: dict[int, list[dict]] = {}
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _decode_config(decode: Mapping[str, Any]) -> DecodeConfig:
+        fields = dict(decode)
+        if "scales" in fields:
+            fields["scales"] = tuple(float(s) for s in fields["scales"])
+        try:
+            return DecodeConfig(**fields)
+        except TypeError as err:
+            raise ValueError(f"module.py: bad decode config {fields}: {err}; see DecodeConfig "
+                             "in decoding.py for the field names") from None
+
+    def _target_device(self) -> torch.device:
+        trainer = self._trainer
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self.device
+
+    def configure_model(self) -> None:
+        """Apply the speed switches once the trainer's device is known."""
+        device = self._target_device()
+        if not self._channels_last and resolve_switch(self.hparams.channels_last, device,
+                                                      "channels_last"):
+            self.net.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        if not self._compiled and resolve_switch(self.hparams.compile, device, "compile"):
+            # Kept off the module tree (object.__setattr__): state dict keys stay "net.*".
+            object.__setattr__(self, "_train_forward", torch.compile(self.net))
+            self._compiled = True
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net(self._prepare(images))
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if self._channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        images = self._prepare(batch["image"])
+        forward = self.__dict__.get("_train_forward", self.net)
+        outputs = forward(images)
+        losses = self.criterion(outputs, batch, self.net)
+        batch_size = images.shape[0]
+        for name, value in losses.items():
+            # Step values unsynced (no collective per step); epoch means synced once.
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False,
+                     prog_bar=name == "loss", batch_size=batch_size)
+            self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=batch_size)
+        return losses["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam + MultiStepLR stepped per epoch (SPEC 6). Clipping: Trainer.gradient_clip_val."""
+        cfg = self.hparams.optimizer
+        optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr"]))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg["gamma"])
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1}}
+
+    # ------------------------------------------------------------- evaluation
+    def _predict_batch(self, batch: Mapping[str, Any]) -> dict[int, list[dict]]:
+        """Poses of an evaluation batch as ``{image_id: [COCO result dicts]}``."""
+        image_ids = [int(i) for i in _as_list(batch["image_id"])]
+        per_image = predict_poses(self.net, self._prepare(batch["image"]), self.layout,
+                                  batch["back_transform"], self.decode_cfg)
+        out: dict[int, list[dict]] = {}
+        for image_id, (poses, scores) in zip(image_ids, per_image, strict=True):
+            out[image_id] = to_coco_results([image_id], [poses], [scores])
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_results = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_results = {}
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_results.update(self._predict_batch(batch))
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_results.update(self._predict_batch(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        name = "val_sanity" if self.trainer.sanity_checking else f"val_epoch{self.current_epoch}"
+        self._evaluate_epoch("val", name)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate_epoch("test", f"test_epoch{self.current_epoch}")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int,
+                     dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per image: ``image_id``, ``poses`` (F, K, 3) in original pixels, ``scores`` (F,)."""
+        per_image = predict_poses(self.net, self._prepare(batch["image"]), self.layout,
+                                  batch["back_transform"], self.decode_cfg)
+        ids = _as_list(batch.get("image_id", list(range(len(per_image)))))
+        return [{"image_id": int(i), "poses": p.detach().float().cpu(),
+                 "scores": s.detach().float().cpu()}
+                for i, (p, s) in zip(ids, per_image, strict=True)]
+
+    def _eval_source(self, stage: str) -> tuple[str, str]:
+        """(ground-truth json, protocol) for ``stage`` ("val" / "test")."""
+        key = f"{stage}_annotation_file"
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        gt = self.hparams.get(key) or getattr(dm, key, None)
+        if gt is None:
+            raise ValueError(
+                f"module.py: {stage} evaluation needs the ground-truth json: give the data "
+                f"module a '{key}' attribute or pass PINetModule({key}=...)"
+            )
+        protocol = self.hparams.get("eval_protocol") or getattr(dm, "protocol", None)
+        if protocol is None:
+            protocol = "crowdpose" if self.layout.name == "crowdpose" else "coco"
+        return str(gt), str(protocol)
+
+    def _results_dir(self) -> Path:
+        # trainer.log_dir is a collective (it broadcasts): call it on every rank.
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "results"
+
+    def _evaluate_epoch(self, stage: str, file_stem: str) -> None:
+        gt, protocol = self._eval_source(stage)
+        results_path = self._results_dir() / f"{file_stem}.json"
+        local, self._eval_results = self._eval_results, {}
+        gathered = _all_gather_objects(local)
+        payload: dict[str, Any] = {}
+        if self.trainer.is_global_zero:
+            results, image_ids = merge_gathered_results(gathered)
+            try:
+                metrics = evaluate_keypoints(
+                    gt, results, protocol=protocol, sigmas=list(self.layout.sigmas),
+                    results_path=results_path,
+                )
+                metrics = {k: float(v) for k, v in metrics.items()}
+                metrics["images"] = float(len(image_ids))
+                metrics["poses"] = float(len(results))
+                payload = {"metrics": metrics}
+            except Exception as err:  # shared below so that no rank waits forever
+                payload = {"error": f"{type(err).__name__}: {err}"}
+        payload = self.trainer.strategy.broadcast(payload, src=0)
+        if "error" in payload:
+            raise RuntimeError(f"module.py: {stage} evaluation failed on rank 0: "
+                               f"{payload['error']}")
+        # Every rank holds the same broadcast values. sync_dist=False would do, but Lightning
+        # then warns on every epoch-level metric under DDP; a "max" reduction of identical
+        # values is exact and costs one tiny all-reduce per metric per epoch.
+        for key, value in payload["metrics"].items():
+            self.log(f"{stage}/{key}", value, sync_dist=True, reduce_fx="max",
+                     prog_bar=key == "AP")
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The weights travel in the state dict: do not require the ImageNet file on reload.
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, Mapping) and isinstance(hparams.get("network"), Mapping):
+            hparams = dict(hparams)
+            hparams["network"] = {**hparams["network"], "pretrained": None}
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = hparams
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside torch.distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
