@@ -1,0 +1,390 @@
+"""PINet training targets (SPEC section 2): the codec the data loader workers run per sample.
+
+Everything is in output cells after augmentation, with the pixel-center convention of
+docs/architecture.md (cell ``(i, j)`` sits at coordinate ``(i, j)``). Choices the SPEC leaves
+open, fixed here and tested in tests/test_targets.py:
+
+- A keypoint counts when ``v > 0`` and it lies inside the map, ``0 <= x < W`` and
+  ``0 <= y < H`` (NaN coordinates never count).
+- Gaussian window: the cells ``(i, j)`` with ``|i - x| <= 3 sigma`` and ``|j - y| <= 3 sigma``
+  (a square of at most ``floor(6 sigma) + 1`` cells a side, 13 for sigma 2), clipped to the
+  map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))`` at the exact
+  sub-cell point; people combine by maximum. The loss mask is 1 on the union of windows.
+- Part center: mean of the part's keypoints that count (``v > 0`` *and* inside the map).
+  Keypoints outside the map have no heatmap and no offset target, so they should not move
+  the center either: a center built from them can leave the map (and then the part writes
+  nothing at all although some of its keypoints are visible) or sit far from what the
+  network sees. The mean of in-map points is always in the map. ``part_center_in_map=False``
+  uses every ``v > 0`` keypoint like the published code; a center then outside the map
+  writes no Gaussian and no offsets.
+- Offsets: for a center ``(cx, cy)`` the cells ``floor(cx) - r <= i < floor(cx) + r``,
+  ``floor(cy) - r <= j < floor(cy) + r`` (``int`` of the SPEC; equal for in-map centers),
+  clipped. Where several people claim one cell and channel the smaller box area keeps it;
+  equal areas go to the lower person index (deterministic, independent of numpy's write
+  order).
+- Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from pinet_lightning.layouts import Layout, get_layout
+
+__all__ = [
+    "encode_targets",
+    "densify_offsets",
+    "PINetTargetCodec",
+    "part_centers",
+    "TARGET_KEYS",
+]
+
+TARGET_KEYS: tuple[str, ...] = (
+    "heatmaps",
+    "heatmap_mask",
+    "part_heatmaps",
+    "part_mask",
+    "offsets",
+    "offset_weights",
+)
+
+_WHERE = "pinet_lightning/targets.py"
+
+
+def _check_inputs(
+    keypoints: np.ndarray,
+    areas: np.ndarray | None,
+    layout: Layout,
+    output_size: tuple[int, int],
+    ignore_mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray | None]:
+    k = layout.num_keypoints
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.size == 0:
+        kp = kp.reshape(0, k, 3)
+    if kp.ndim != 3 or kp.shape[1:] != (k, 3):
+        raise ValueError(
+            f"{_WHERE}: keypoints must have shape (N, {k}, 3) = (x, y, v) in output cells for "
+            f"layout '{layout.name}', got {kp.shape}; pass one row per person, or check that "
+            "the dataset's layout matches its annotations"
+        )
+    ar = np.zeros(kp.shape[0]) if areas is None else np.asarray(areas, np.float64).reshape(-1)
+    if ar.shape[0] != kp.shape[0]:
+        raise ValueError(
+            f"{_WHERE}: got {kp.shape[0]} people but {ar.shape[0]} areas; pass one box area "
+            "(in input pixels) per person"
+        )
+    if not np.isfinite(ar).all():
+        raise ValueError(f"{_WHERE}: areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
+                         "check the boxes given to the augmentation")  # fmt: skip
+    try:
+        height, width = (int(s) for s in output_size)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{_WHERE}: output_size must be (H, W), got {output_size!r}"
+        ) from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{_WHERE}: output_size must be positive, got {(height, width)}")
+    mask = None
+    if ignore_mask is not None:
+        mask = np.asarray(ignore_mask, dtype=np.float32)
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"{_WHERE}: ignore_mask must have the output shape {(height, width)} "
+                f"(0 = ignore), got {mask.shape}; resize it to the output map first"
+            )
+    return kp, ar, height, width, mask
+
+
+def _counting(kp: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, K) bool: v > 0 and inside [0, W) x [0, H) (False for NaN)."""
+    x, y, v = kp[..., 0], kp[..., 1], kp[..., 2]
+    return (v > 0) & (x >= 0) & (x < width) & (y >= 0) & (y < height)
+
+
+def part_centers(
+    keypoints: np.ndarray,
+    layout: Layout | str | Mapping[str, Any],
+    output_size: tuple[int, int],
+    in_map: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Part centers ``(N, P, 2)`` and whether each exists ``(N, P)`` bool.
+
+    A center is the mean of the part's keypoints with ``v > 0`` (and inside the map when
+    ``in_map``); a part with none of them has no center, and a center outside the map
+    does not count.
+    """
+    layout = get_layout(layout)
+    kp, _, height, width, _ = _check_inputs(keypoints, None, layout, output_size, None)
+    use = _counting(kp, height, width) if in_map else kp[..., 2] > 0
+    return _part_centers(kp, layout, height, width, use)
+
+
+@lru_cache(maxsize=32)
+def _part_membership(layout: Layout) -> np.ndarray:
+    """(P, K) 0/1 table: which keypoints make up each part."""
+    member = np.zeros((layout.num_parts, layout.num_keypoints), dtype=np.float64)
+    for p, part in enumerate(layout.parts):  # P is 3: building a tiny table once per layout
+        member[p, list(part)] = 1.0
+    member.flags.writeable = False
+    return member
+
+
+def _part_centers(
+    kp: np.ndarray, layout: Layout, height: int, width: int, use: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centers (N, P, 2) of the keypoints flagged in ``use`` (N, K) and whether each exists
+    (at least one keypoint, center inside the map)."""
+    member = _part_membership(layout)  # (P, K)
+    xy = np.where(use[..., None], kp[..., :2], 0.0)  # NaN-safe: unused points are zeroed
+    total = member @ xy  # (N, P, 2)
+    count = use @ member.T  # (N, P)
+    centers = total / np.maximum(count, 1.0)[..., None]
+    cx, cy = centers[..., 0], centers[..., 1]
+    exists = (count > 0) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    return centers, exists
+
+
+def _draw_gaussians(
+    heat: np.ndarray,
+    window: np.ndarray,
+    xy: np.ndarray,
+    channel: np.ndarray,
+    sigma: float,
+    height: int,
+    width: int,
+) -> None:
+    """Max-combine the Gaussians of all points into ``heat`` and set ``window`` to 1 on
+    their windows, in place. ``heat``/``window`` are flat float32 (C * H * W + 1,) buffers
+    whose last entry is a dump slot for cells off the map; ``xy`` (M, 2); ``channel`` (M,)."""
+    if not len(xy):
+        return
+    dump = heat.size - 1
+    reach = 3.0 * sigma
+    size = int(np.floor(2.0 * reach)) + 1  # most cells a window spans along one axis
+    start = np.ceil(xy - reach).astype(np.intp)  # (M, 2) first cell of the window
+    stop = np.floor(xy + reach).astype(np.intp)  # (M, 2) last cell (inclusive)
+    cells = start[:, :, None] + np.arange(size)  # (M, 2, L): x cells, then y cells
+    ok = (cells <= stop[:, :, None]) & (cells >= 0)
+    ok &= cells < np.array([[width], [height]])  # (M, 2, L)
+    # exp(-d^2 / 2 sigma^2) separates into an x factor times a y factor.
+    g = np.exp(-((cells - xy[:, :, None]) ** 2) / (2.0 * sigma**2)).astype(np.float32)
+    gauss = g[:, 1, :, None] * g[:, 0, None, :]  # (M, L rows, L cols)
+    rows = (channel[:, None] * height + cells[:, 1]) * width  # (M, L)
+    flat = np.where(ok[:, 1, :, None] & ok[:, 0, None, :], rows[:, :, None] + cells[:, 0, None, :],
+                    dump)  # fmt: skip
+    np.maximum.at(heat, flat.ravel(), gauss.ravel())
+    window[flat.ravel()] = 1.0
+
+
+def encode_targets(
+    keypoints: np.ndarray,
+    areas: np.ndarray,
+    layout: Layout | str | Mapping[str, Any],
+    output_size: tuple[int, int],
+    sigma: float = 2.0,
+    radius: int = 2,
+    bg_weight: float = 0.1,
+    ignore_mask: np.ndarray | None = None,
+    min_part_area: float = 0.0,
+    part_center_in_map: bool = True,
+    offsets_format: str = "dense",
+) -> dict[str, np.ndarray]:
+    """Build PINet's training targets for one sample (SPEC 2).
+
+    Args:
+        keypoints: (N, K, 3) ``(x, y, v)`` in output cells.
+        areas: (N,) person box areas in input pixels (offset weights, conflicts,
+            ``min_part_area``).
+        layout: the keypoint layout (name, mapping or :class:`Layout`).
+        output_size: (H, W) of the output maps.
+        sigma: Gaussian standard deviation in cells.
+        radius: half-size r of the 2r x 2r offset square around each part center.
+        bg_weight: heatmap-loss weight outside every Gaussian window.
+        ignore_mask: (H, W), 0 where the heatmap losses ignore the image (crowd regions).
+        min_part_area: people with a smaller box area get no part centers (COCO: 32**2).
+        part_center_in_map: centers from in-map keypoints only (see the module docstring).
+        offsets_format: ``"dense"`` (the contract) or ``"omega"``: instead of ``offsets``
+            and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
+            into the flattened (P*K, H, W) (channel pair ``p * K + k``, row, column),
+            ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,) float32,
+            about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
+
+    Returns:
+        float32 ``heatmaps`` (K,H,W), ``heatmap_mask`` (K,H,W), ``part_heatmaps`` (P,H,W),
+        ``part_mask`` (P,H,W), ``offsets`` (P*K*2,H,W) and ``offset_weights`` (P*K*2,H,W),
+        offset channel ``(p * K + k) * 2 + c``; keypoint = cell - offset. The keypoint and
+        part maps are views of one (K+P, H, W) block each (one Gaussian pass for both).
+    """
+    layout = get_layout(layout)
+    if not sigma > 0:
+        raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
+    if int(radius) != radius or radius < 1:
+        raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
+    radius = int(radius)
+    if offsets_format not in ("dense", "omega"):
+        raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
+                         f"got {offsets_format!r}")  # fmt: skip
+    if not 0.0 <= bg_weight <= 1.0:
+        raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
+    kp, ar, height, width, mask = _check_inputs(keypoints, areas, layout, output_size, ignore_mask)
+    k, p = layout.num_keypoints, layout.num_parts
+
+    # Gaussians: counting keypoints into channels 0..K-1, part centers into K..K+P-1.
+    valid = _counting(kp, height, width)  # (N, K)
+    vn, vk = np.nonzero(valid)
+    use = valid if part_center_in_map else kp[..., 2] > 0
+    centers, has_center = _part_centers(kp, layout, height, width, use)
+    has_center &= (ar >= min_part_area)[:, None]
+    cn, cp = np.nonzero(has_center)  # (C,) person and part of each center
+    center_xy = centers[cn, cp]
+    hw = height * width
+    heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
+    loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
+    xy = np.concatenate([kp[vn, vk, :2], center_xy])
+    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp]), sigma, height, width)
+    heat = heat[:-1].reshape(k + p, height, width)
+    loss_mask = loss_mask[:-1].reshape(k + p, height, width)
+    if mask is not None:
+        loss_mask *= mask
+
+    at_pair, offset_xy, offset_w = _offset_claims(
+        kp, ar, valid, cn, cp, center_xy, k, height, width, radius
+    )
+    out = {
+        "heatmaps": heat[:k],
+        "heatmap_mask": loss_mask[:k],
+        "part_heatmaps": heat[k:],
+        "part_mask": loss_mask[k:],
+    }
+    if offsets_format == "omega":
+        out.update(omega_index=at_pair, omega_offsets=offset_xy, omega_weights=offset_w)
+        return out
+    out["offsets"], out["offset_weights"] = densify_offsets(
+        at_pair, offset_xy, offset_w, (p * k * 2, height, width)
+    )
+    return out
+
+
+def _offset_claims(
+    kp: np.ndarray,
+    ar: np.ndarray,
+    valid: np.ndarray,
+    cn: np.ndarray,
+    cp: np.ndarray,
+    center_xy: np.ndarray,
+    k: int,
+    height: int,
+    width: int,
+    radius: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Omega: flat index into (P*K, H, W), offsets (E, 2) and weights (E,) of the winning
+    claims. Every (center, cell of its 2r x 2r square, counting keypoint) is a claim."""
+    if not len(cn):
+        return np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    hw = height * width
+    # Centers go in priority order (smaller area, then lower person index): sorting the
+    # claims by (destination, center rank) puts each destination's winner first.
+    rank = np.lexsort((cn, ar[cn]))
+    cn, cp, center_xy = cn[rank], cp[rank], center_xy[rank]
+    side = np.arange(2 * radius)
+    corner = np.floor(center_xy).astype(np.int64) - radius  # (C, 2)
+    ci = corner[:, 0:1] + side  # (C, 2r) cell columns
+    cj = corner[:, 1:2] + side  # (C, 2r) cell rows
+    claim = (
+        ((cj >= 0) & (cj < height))[:, :, None, None]
+        & ((ci >= 0) & (ci < width))[:, None, :, None]
+        & valid[cn][:, None, None, :]
+    )  # (C, rows, cols, K)
+    pair = cp[:, None] * k + np.arange(k)  # (C, K) channel pair p * K + k
+    at = (pair[:, None, None, :] * hw + cj[:, :, None, None] * width) + ci[:, None, :, None]
+    num = len(cn)
+    key = np.sort((at * num + np.arange(num)[:, None, None, None])[claim])
+    at, c = np.divmod(key, num)
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = at[1:] != at[:-1]
+    at, c = at[first], c[first]
+    cell, kk = at % hw, (at // hw) % k
+    person = cn[c]
+    xy = np.stack([cell % width, cell // width], -1) - kp[person, kk, :2]  # cell - keypoint
+    w = 1.0 / np.sqrt(np.maximum(ar[person], 1.0))
+    return at, xy.astype(np.float32), w.astype(np.float32)
+
+
+def densify_offsets(
+    omega_index: np.ndarray,
+    omega_offsets: np.ndarray,
+    omega_weights: np.ndarray,
+    shape: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ``offsets`` and ``offset_weights`` (P*K*2, H, W) float32 from the Omega form of
+    :func:`encode_targets` (``offsets_format="omega"``)."""
+    channels, height, width = shape
+    hw = height * width
+    offsets = np.zeros(channels * hw, dtype=np.float32)
+    weights = np.zeros(channels * hw, dtype=np.float32)
+    index = np.asarray(omega_index, dtype=np.int64)
+    at_x = index + (index // hw) * hw  # channel pair c -> x channel 2c; y is one plane on
+    offsets[at_x] = omega_offsets[:, 0]
+    offsets[at_x + hw] = omega_offsets[:, 1]
+    weights[at_x] = omega_weights
+    weights[at_x + hw] = omega_weights
+    return offsets.reshape(shape), weights.reshape(shape)
+
+
+@dataclass(frozen=True)
+class PINetTargetCodec:
+    """Holds the target settings so a dataset keeps one object (mmpose-codec style).
+
+    ``layout`` may be a name or mapping; it is resolved to a :class:`Layout`. ``output_size``
+    is (H, W) or one int for a square map.
+    """
+
+    layout: Layout | str | Mapping[str, Any]
+    output_size: tuple[int, int] | int
+    sigma: float = 2.0
+    radius: int = 2
+    bg_weight: float = 0.1
+    min_part_area: float = 0.0
+    part_center_in_map: bool = True
+    offsets_format: str = "dense"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", get_layout(self.layout))
+        size = self.output_size
+        size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"{_WHERE}: output_size must be (H, W) > 0, got {self.output_size}")
+        object.__setattr__(self, "output_size", size)
+        if not self.sigma > 0:
+            raise ValueError(f"{_WHERE}: sigma must be positive, got {self.sigma}")
+        if int(self.radius) != self.radius or self.radius < 1:
+            raise ValueError(f"{_WHERE}: radius must be a positive integer, got {self.radius}")
+        if not 0.0 <= self.bg_weight <= 1.0:
+            raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {self.bg_weight}")
+        if self.offsets_format not in ("dense", "omega"):
+            raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
+                             f"got {self.offsets_format!r}")  # fmt: skip
+
+    def encode(
+        self, keypoints: np.ndarray, areas: np.ndarray, ignore_mask: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """:func:`encode_targets` with this codec's settings."""
+        return encode_targets(
+            keypoints,
+            areas,
+            self.layout,
+            self.output_size,
+            sigma=self.sigma,
+            radius=self.radius,
+            bg_weight=self.bg_weight,
+            ignore_mask=ignore_mask,
+            min_part_area=self.min_part_area,
+            part_center_in_map=self.part_center_in_map,
+            offsets_format=self.offsets_format,
+        )
