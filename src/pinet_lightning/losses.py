@@ -1,0 +1,138 @@
+"""PINet training losses (SPEC 4).
+
+Contract for the LightningModule::
+
+    criterion = PINetLoss(heatmap_weight=1.0, offset_weight=0.03, refine_weight=0.03,
+                          beta=1 / 9, proposals_per_part=40)
+    outputs = net(batch["image"])          # PINet.forward dict
+    losses = criterion(outputs, batch, net)  # batch: the six encode_targets keys (extra keys ok)
+    losses["loss"].backward()
+    # losses: {"loss", "heatmap", "offset", "refine"}: float32 scalar tensors; "loss" is the
+    # weighted total, the others are unweighted (log them as they are).
+
+``net`` is anything with ``refine(features, poses, cells, batch_index, valid=None)``: the
+PINet (or the un-compiled ``_orig_mod`` of a compiled one). Everything runs on the device of
+the outputs without host syncs: the proposal count m of SPEC 4 is applied as a mask over a
+fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.proposals`), so the
+shapes are static. Losses are computed in float32 even under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pinet_lightning.proposals import gather_at_cells, sample_proposals
+
+__all__ = ["HeatmapLoss", "OffsetLoss", "RefineLoss", "PINetLoss", "weighted_smooth_l1"]
+
+TARGET_KEYS = ("heatmaps", "heatmap_mask", "part_heatmaps", "part_mask", "offsets",
+               "offset_weights")
+
+
+def weighted_smooth_l1(pred: Tensor, target: Tensor, weights: Tensor, beta: float) -> Tensor:
+    """Smooth L1 of ``pred - target`` times ``weights``, summed and divided by the number of
+    weighted entries (Omega = weights > 0), at least 1."""
+    pred = pred.float()
+    weights = weights.float()
+    loss = F.smooth_l1_loss(pred, target.float(), beta=beta, reduction="none") * weights
+    count = (weights > 0).sum().clamp_min(1)
+    return loss.sum() / count
+
+
+class HeatmapLoss(nn.Module):
+    """Masked squared error over keypoint and part heatmaps together (one mean over all)."""
+
+    def forward(self, heatmaps: Tensor, part_heatmaps: Tensor, targets: Mapping[str, Tensor]
+                ) -> Tensor:
+        pred = torch.cat([heatmaps.float(), part_heatmaps.float()], dim=1)
+        target = torch.cat([targets["heatmaps"], targets["part_heatmaps"]], dim=1).float()
+        mask = torch.cat([targets["heatmap_mask"], targets["part_mask"]], dim=1).float()
+        if pred.shape != target.shape:
+            raise ValueError(f"losses.py: heatmap predictions {tuple(pred.shape)} do not match "
+                             f"the targets {tuple(target.shape)}; check the layout and the "
+                             "output size (input size / 4) of the data module")
+        return ((pred - target) ** 2 * mask).mean()
+
+
+class OffsetLoss(nn.Module):
+    """Smooth L1 on the offset maps, on Omega alone (SPEC 4)."""
+
+    def __init__(self, beta: float = 1 / 9) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, offsets: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+        if offsets.shape != target.shape or target.shape != weights.shape:
+            raise ValueError(f"losses.py: offsets {tuple(offsets.shape)}, targets "
+                             f"{tuple(target.shape)} and weights {tuple(weights.shape)} differ")
+        return weighted_smooth_l1(offsets, target, weights, self.beta)
+
+
+class RefineLoss(OffsetLoss):
+    """The offset loss on the sampled proposals: refined vs target offsets, (N, K, 2).
+
+    Pass ``weights`` already multiplied by the proposals' validity mask.
+    """
+
+
+class PINetLoss(nn.Module):
+    """Total PINet loss: heatmap + offset + refine, weighted (SPEC 4).
+
+    Args:
+        heatmap_weight, offset_weight, refine_weight: loss weights (1.0, 0.03, 0.03).
+        beta: smooth L1 transition point (1/9).
+        proposals_per_part: the cap 40 on training proposals per part and image.
+    """
+
+    def __init__(self, heatmap_weight: float = 1.0, offset_weight: float = 0.03,
+                 refine_weight: float = 0.03, beta: float = 1 / 9,
+                 proposals_per_part: int = 40) -> None:
+        super().__init__()
+        self.heatmap_weight = heatmap_weight
+        self.offset_weight = offset_weight
+        self.refine_weight = refine_weight
+        self.proposals_per_part = proposals_per_part
+        self.heatmap_loss = HeatmapLoss()
+        self.offset_loss = OffsetLoss(beta)
+        self.refine_loss = RefineLoss(beta)
+
+    def forward(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any], net: Any
+                ) -> dict[str, Tensor]:
+        missing = [k for k in TARGET_KEYS if k not in targets]
+        if missing:
+            raise KeyError(f"losses.py: the batch lacks target keys {missing}; it must carry "
+                           "the encode_targets dict (targets.py)")
+        heatmap = self.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"], targets)
+        offset = self.offset_loss(outputs["offsets"], targets["offsets"],
+                                  targets["offset_weights"])
+        refine = self.refine(outputs, targets, net)
+        total = (self.heatmap_weight * heatmap + self.offset_weight * offset
+                 + self.refine_weight * refine)
+        return {"loss": total, "heatmap": heatmap.detach(), "offset": offset.detach(),
+                "refine": refine.detach()}
+
+    def refine(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any], net: Any
+               ) -> Tensor:
+        """Sample the training proposals, refine them with ``net.refine``, return the loss."""
+        num_keypoints = outputs["heatmaps"].shape[1]
+        props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"],
+                                 num_keypoints, self.proposals_per_part)
+        # The coarse poses come from the predicted offsets, detached (SPEC 4).
+        coarse = gather_at_cells(outputs["offsets"].detach(), props.cells, props.batch_index,
+                                 props.part_index, num_keypoints)
+        cells = props.cells.to(coarse.dtype)
+        poses = cells[:, None, :] - coarse
+        correction = net.refine(outputs["features"], poses, props.cells, props.batch_index,
+                                valid=props.valid)
+        refined = coarse.float() + correction.float()
+        target = gather_at_cells(targets["offsets"], props.cells, props.batch_index,
+                                 props.part_index, num_keypoints)
+        weights = gather_at_cells(targets["offset_weights"], props.cells, props.batch_index,
+                                  props.part_index, num_keypoints)
+        weights = weights.float() * props.valid[:, None, None]
+        return self.refine_loss(refined, target, weights)

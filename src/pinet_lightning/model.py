@@ -1,0 +1,137 @@
+"""The PINet network (SPEC 3): backbone -> PPG heads, plus the Pose Refinement graph
+network, and a plain-torch save/load (state dict + constructor config, no Lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pinet_lightning.backbone import Backbone
+from pinet_lightning.heads import PPGHeads
+from pinet_lightning.layouts import Layout, get_layout
+from pinet_lightning.refinement import PoseRefinement
+
+__all__ = ["PINet", "save_model", "load_model", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT = "pinet_lightning.PINet"
+
+
+class PINet(nn.Module):
+    """Pose-level Inference Network.
+
+    Args:
+        layout: keypoint layout (name, mapping or Layout): K keypoints, P parts, skeleton.
+        backbone: timm model name (``hrnet_w32``).
+        pretrained: local ImageNet weights file for the backbone, or None.
+        refine_layers: L residual graph blocks in PR (3 CrowdPose, 2 COCO/OCHuman).
+        feature_channels: if set, a 1x1 conv + BN + ReLU projects the concatenated backbone
+            features to this width before the heads and PR (None: use them as they are,
+            SPEC).
+    """
+
+    def __init__(self, layout: Layout | str | Mapping[str, Any], backbone: str = "hrnet_w32",
+                 pretrained: str | None = None, refine_layers: int = 3,
+                 feature_channels: int | None = None) -> None:
+        super().__init__()
+        self.layout = get_layout(layout)
+        self.backbone_name = backbone
+        self.refine_layers = refine_layers
+        self.feature_channels = feature_channels
+        self.backbone = Backbone(backbone, pretrained=pretrained)
+        channels = self.backbone.out_channels
+        if feature_channels is not None:
+            self.neck: nn.Module = nn.Sequential(
+                nn.Conv2d(channels, feature_channels, 1, bias=False),
+                nn.BatchNorm2d(feature_channels), nn.ReLU(inplace=True))
+            channels = feature_channels
+        else:
+            self.neck = nn.Identity()
+        self.out_channels = channels
+        k, p = self.layout.num_keypoints, self.layout.num_parts
+        self.heads = PPGHeads(channels, k, p)
+        self.pose_refinement = PoseRefinement(channels, self.layout, num_layers=refine_layers)
+        # Normalization of 0..255 input, kept out of the state dict.
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (layout as a dict); ``pretrained`` is None since the weights
+        travel in the state dict."""
+        return {"layout": self.layout.to_dict(), "backbone": self.backbone_name,
+                "pretrained": None, "refine_layers": self.refine_layers,
+                "feature_channels": self.feature_channels}
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 or float 0..255 (B, 3, H, W) -> ImageNet-normalized float."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"model.py: images must be (B, 3, H, W) RGB, got "
+                             f"{tuple(images.shape)}")
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """(B, 3, H, W) 0..255 images, H and W multiples of 32 -> features (B, C, h, w),
+        heatmaps (B, K, h, w), part_heatmaps (B, P, h, w), offsets (B, P*K*2, h, w)."""
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"model.py: input size {h}x{w} must be a multiple of 32 "
+                             "(inference_resize rounds up to 64)")
+        features = self.neck(self.backbone(self.normalize(images)))
+        heatmaps, part_heatmaps, offsets = self.heads(features)
+        return {"features": features, "heatmaps": heatmaps, "part_heatmaps": part_heatmaps,
+                "offsets": offsets}
+
+    def refine(self, features: Tensor, poses: Tensor, cells: Tensor, batch_index: Tensor,
+               valid: Tensor | None = None) -> Tensor:
+        """PR correction (N, K, 2) to the coarse offsets: refined offset = coarse offset +
+        correction, refined pose = coarse pose - correction."""
+        return self.pose_refinement(features, poses, cells, batch_index, valid)
+
+
+def _unwrap(model: nn.Module) -> PINet:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if not isinstance(model, PINet):
+        raise TypeError(f"model.py: save_model expects a PINet, got {type(model).__name__}")
+    return model
+
+
+def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
+    """Save the state dict, the constructor config and ``extra`` in one torch file."""
+    net = _unwrap(model)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "version": 1, "config": net.config, "state_dict": state,
+                "extra": extra or {}}, path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> PINet:
+    """Rebuild a PINet saved by :func:`save_model` (strict: every weight must match).
+    ``extra`` is available as ``model.extra``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.py: no model file at '{path}'")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"model.py: '{path}' is not a file written by save_model; for a "
+                         "Lightning checkpoint use Predictor.from_checkpoint")
+    config = dict(blob["config"])
+    config["pretrained"] = None
+    net = PINet(**config)
+    state = {k.removeprefix("_orig_mod."): v for k, v in blob["state_dict"].items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"model.py: the weights in '{path}' do not fit the saved config "
+                           f"{ {k: v for k, v in config.items() if k != 'layout'} }: {err}"
+                           ) from err
+    net.extra = blob.get("extra", {})
+    return net.to(map_location)

@@ -1,0 +1,108 @@
+"""Training proposal sampling (SPEC 4), vectorized over the batch, with no host sync.
+
+For each part, every output cell is scored by the part target heatmap times the largest of
+that part's offset weights; each image keeps its top m cells per part, with
+m = min(40, fewest positive cells of any image in the batch) (40 when no image has any).
+
+m depends on the data, and a data-dependent ``topk`` size would need a host sync (and give
+dynamic shapes). So we always take the top ``max_per_part`` (40) cells of every image and
+part and mark as valid only the first m of them that have a positive score. The refine loss
+and the refinement's batch norm statistics only see valid proposals, which makes this equal
+to sampling exactly m, at a fixed cost of B * P * 40 proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Proposals", "sample_proposals", "proposal_scores", "gather_at_cells"]
+
+
+@dataclass
+class Proposals:
+    """Sampled training proposals, N = B * P * k in (image, part, rank) order.
+
+    cells: (N, 2) long, the source cell (x, y) in output cells.
+    batch_index: (N,) long image index. part_index: (N,) long part index.
+    valid: (N,) bool, whether the proposal counts (rank < m and a positive score).
+    scores: (N,) float, the sampling score of the cell.
+    """
+
+    cells: Tensor
+    batch_index: Tensor
+    part_index: Tensor
+    valid: Tensor
+    scores: Tensor
+
+    def __len__(self) -> int:
+        return self.cells.shape[0]
+
+
+def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints: int) -> Tensor:
+    """(B, P, h, w) score: part target heatmap x max of that part's offset weights."""
+    b, p, h, w = part_heatmaps.shape
+    if offset_weights.shape != (b, p * num_keypoints * 2, h, w):
+        raise ValueError(
+            f"proposals.py: offset_weights {tuple(offset_weights.shape)} should be "
+            f"(B, P*K*2, h, w) = {(b, p * num_keypoints * 2, h, w)} for part heatmaps "
+            f"{tuple(part_heatmaps.shape)} and K = {num_keypoints}")
+    weight = offset_weights.view(b, p, num_keypoints * 2, h, w).amax(dim=2)
+    return part_heatmaps * weight
+
+
+def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints: int,
+                     max_per_part: int = 40) -> Proposals:
+    """Sample the training proposals of a batch (SPEC 4) from its targets.
+
+    Args:
+        part_heatmaps: (B, P, h, w) part target heatmaps.
+        offset_weights: (B, P*K*2, h, w) target offset weights.
+        num_keypoints: K.
+        max_per_part: the cap on proposals per image and part (40).
+    """
+    score = proposal_scores(part_heatmaps, offset_weights, num_keypoints)
+    b, p, h, w = score.shape
+    flat = score.reshape(b, p, h * w)
+    k = min(max_per_part, h * w)
+    values, index = flat.topk(k, dim=-1, sorted=True)  # (B, P, k)
+    positives = (flat > 0).sum(dim=-1)  # (B, P)
+    fewest = positives.amin(dim=0)  # (P,)
+    none = positives.amax(dim=0) == 0
+    m = torch.where(none, torch.full_like(fewest, max_per_part), fewest.clamp_max(max_per_part))
+    rank = torch.arange(k, device=score.device)
+    valid = (rank[None, None, :] < m[None, :, None]) & (values > 0)
+    cells = torch.stack([index % w, index // w], dim=-1)  # (B, P, k, 2) as (x, y)
+    batch_index = torch.arange(b, device=score.device).view(b, 1, 1).expand(b, p, k)
+    part_index = torch.arange(p, device=score.device).view(1, p, 1).expand(b, p, k)
+    return Proposals(
+        cells=cells.reshape(-1, 2),
+        batch_index=batch_index.reshape(-1),
+        part_index=part_index.reshape(-1),
+        valid=valid.reshape(-1),
+        scores=values.reshape(-1),
+    )
+
+
+def gather_at_cells(maps: Tensor, cells: Tensor, batch_index: Tensor, part_index: Tensor,
+                    num_keypoints: int) -> Tensor:
+    """Read per-part offset maps at proposal cells.
+
+    Args:
+        maps: (B, P*K*2, h, w) offsets, target offsets or offset weights (channel
+            ``(p * K + k) * 2 + c``).
+        cells: (N, 2) integer cells (x, y); batch_index, part_index: (N,).
+    Returns:
+        (N, K, 2): the K (x, y) values of the proposal's own part at its cell.
+    """
+    b, c, h, w = maps.shape
+    if c % (num_keypoints * 2):
+        raise ValueError(f"proposals.py: {c} offset channels are not P * K * 2 for K = "
+                         f"{num_keypoints}")
+    p = c // (num_keypoints * 2)
+    cells = cells.long()
+    view = maps.view(b, p, num_keypoints, 2, h, w)
+    # Advanced indices split by slices: the indexed dimension N comes first -> (N, K, 2).
+    return view[batch_index, part_index, :, :, cells[:, 1], cells[:, 0]]

@@ -1,0 +1,155 @@
+"""Heatmap, offset and refine losses, and the PINet total (SPEC 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pinet_lightning.losses import HeatmapLoss, OffsetLoss, PINetLoss, RefineLoss
+from pinet_lightning.proposals import sample_proposals
+
+B, K, P, H, W, C = 2, 3, 2, 8, 8, 5
+BETA = 1 / 9
+
+
+class ZeroRefineNet(torch.nn.Module):
+    """A stand-in network whose PR correction is ``scale`` times a feature mean."""
+
+    def __init__(self, scale: float = 0.0) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+        self.calls: list[dict] = []
+
+    def refine(self, features, poses, cells, batch_index, valid=None):
+        self.calls.append({"poses": poses, "cells": cells, "valid": valid})
+        return self.scale * torch.ones_like(poses) + 0 * features.mean()
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    targets = {
+        "heatmaps": torch.rand(B, K, H, W, generator=g),
+        "heatmap_mask": torch.where(torch.rand(B, K, H, W, generator=g) > 0.5, 1.0, 0.1),
+        "part_heatmaps": torch.zeros(B, P, H, W),
+        "part_mask": torch.ones(B, P, H, W),
+        "offsets": torch.zeros(B, P * K * 2, H, W),
+        "offset_weights": torch.zeros(B, P * K * 2, H, W),
+    }
+    # Part 0: a 2x2 window per image (4 positive cells), distinct heatmap scores.
+    for b in range(B):
+        ys, xs = slice(2 + b, 4 + b), slice(3, 5)
+        targets["part_heatmaps"][b, 0, ys, xs] = torch.tensor([[0.9, 0.8], [0.7, 0.6]])
+        targets["offsets"][b, : K * 2, ys, xs] = torch.randn(K * 2, 2, 2, generator=g)
+        targets["offset_weights"][b, : K * 2, ys, xs] = 0.1 * (b + 1)
+    outputs = {
+        "features": torch.randn(B, C, H, W, generator=g, requires_grad=True),
+        "heatmaps": targets["heatmaps"].clone().requires_grad_(),
+        "part_heatmaps": targets["part_heatmaps"].clone().requires_grad_(),
+        "offsets": targets["offsets"].clone().requires_grad_(),
+    }
+    return outputs, targets
+
+
+def test_zero_on_perfect_predictions_positive_otherwise():
+    outputs, targets = _batch()
+    losses = PINetLoss()(outputs, targets, ZeroRefineNet(0.0))
+    assert set(losses) == {"loss", "heatmap", "offset", "refine"}
+    for value in losses.values():
+        assert value.dtype == torch.float32 and value.ndim == 0
+        assert value.item() == 0.0
+    outputs["heatmaps"] = outputs["heatmaps"] + 0.1
+    outputs["offsets"] = outputs["offsets"] + 0.5
+    losses = PINetLoss()(outputs, targets, ZeroRefineNet(0.3))
+    assert losses["heatmap"] > 0 and losses["offset"] > 0 and losses["refine"] > 0
+    expected = losses["heatmap"] + 0.03 * losses["offset"] + 0.03 * losses["refine"]
+    assert torch.isclose(losses["loss"], expected)
+
+
+def test_heatmap_loss_value_and_mask():
+    outputs, targets = _batch()
+    pred_h = targets["heatmaps"] + 1.0
+    pred_p = targets["part_heatmaps"].clone()
+    loss = HeatmapLoss()(pred_h, pred_p, targets)
+    # Mean over K + P channels together of the mask (the error is 1 on keypoint channels).
+    total = targets["heatmap_mask"].sum() / (B * (K + P) * H * W)
+    assert torch.isclose(loss, total)
+    with pytest.raises(ValueError, match="losses.py"):
+        HeatmapLoss()(pred_h[:, :2], pred_p, targets)
+
+
+def test_offset_loss_normalization_and_omega():
+    target = torch.zeros(1, 4, 3, 3)
+    weights = torch.zeros(1, 4, 3, 3)
+    weights[0, 0, 1, 1] = 0.5
+    weights[0, 1, 1, 1] = 0.5
+    pred = torch.zeros(1, 4, 3, 3)
+    pred[0, 0, 1, 1] = 2.0  # |d| = 2 >= beta: 2 - beta / 2
+    pred[0, 1, 1, 1] = 0.05  # |d| < beta: 0.5 d^2 / beta
+    loss = OffsetLoss(BETA)(pred, target, weights)
+    expected = 0.5 * ((2 - BETA / 2) + 0.5 * 0.05**2 / BETA) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    # Cells outside Omega do not matter, whatever the prediction there.
+    changed = pred.clone()
+    changed[0, 2:, :, :] = 100.0
+    changed[0, :2, 0, 0] = -7.0
+    assert torch.equal(OffsetLoss(BETA)(changed, target, weights), loss)
+    # No weighted entry: the sum is divided by 1, not 0.
+    assert OffsetLoss(BETA)(pred, target, torch.zeros_like(weights)).item() == 0.0
+
+
+def test_refine_loss_matches_manual_computation_on_valid_proposals():
+    outputs, targets = _batch(1)
+    # Image 1 gets 2 extra positive cells for part 0: m stays 4 (image 0 has 4).
+    targets["part_heatmaps"][1, 0, 6, 6:8] = 0.95
+    targets["offset_weights"][1, : K * 2, 6, 6:8] = 0.3
+    outputs["offsets"] = outputs["offsets"] + 0.2  # coarse error 0.2 everywhere
+    net = ZeroRefineNet(0.0)
+    losses = PINetLoss(proposals_per_part=40)(outputs, targets, net)
+    props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"], K, 40)
+    valid = props.valid
+    assert int(valid.sum()) == 8  # 4 per image for part 0, none for part 1
+    # Image 1 keeps its 4 best cells: the two 0.95 cells and the 0.9, 0.8 ones.
+    sel = valid & (props.batch_index == 1)
+    assert {tuple(c) for c in props.cells[sel].tolist()} == {(6, 6), (7, 6), (3, 3), (4, 3)}
+    w = torch.zeros(len(props), K, 2)
+    for n in torch.nonzero(valid).flatten().tolist():
+        b, x, y = int(props.batch_index[n]), *props.cells[n].tolist()
+        w[n] = targets["offset_weights"][b, : K * 2, y, x].view(K, 2)
+    per_entry = 0.5 * 0.2**2 / BETA if 0.2 < BETA else 0.2 - BETA / 2
+    expected = (per_entry * w).sum() / (w > 0).sum()
+    assert torch.isclose(losses["refine"], expected)
+    # The PR got the coarse poses (cell - predicted offset), detached, and the mask.
+    call = net.calls[-1]
+    assert not call["poses"].requires_grad
+    n = int(torch.nonzero(valid)[0])
+    b, x, y = int(props.batch_index[n]), *props.cells[n].tolist()
+    coarse = outputs["offsets"][b, : K * 2, y, x].view(K, 2)
+    assert torch.allclose(call["poses"][n], torch.tensor([x, y]) - coarse)
+    assert torch.equal(call["valid"], valid)
+
+
+def test_refine_loss_gradients_reach_refine_and_not_coarse_offsets():
+    outputs, targets = _batch(2)
+    net = ZeroRefineNet(0.1)
+    loss = PINetLoss(heatmap_weight=0.0, offset_weight=0.0)(outputs, targets, net)["loss"]
+    loss.backward()
+    assert net.scale.grad is not None and net.scale.grad.abs() > 0
+    # Offset loss weight 0 and detached coarse poses: no gradient to the offsets.
+    assert outputs["offsets"].grad is None or outputs["offsets"].grad.abs().sum() == 0
+
+
+def test_refine_loss_class_and_missing_keys():
+    assert isinstance(RefineLoss(), OffsetLoss)
+    outputs, targets = _batch()
+    del targets["offset_weights"]
+    with pytest.raises(KeyError, match="offset_weights"):
+        PINetLoss()(outputs, targets, ZeroRefineNet())
+
+
+def test_bf16_outputs_give_float32_losses():
+    outputs, targets = _batch()
+    outputs = {k: v.detach().to(torch.bfloat16) for k, v in outputs.items()}
+    losses = PINetLoss()(outputs, targets, ZeroRefineNet(0.0))
+    assert all(v.dtype == torch.float32 for v in losses.values())
