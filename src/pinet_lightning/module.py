@@ -315,6 +315,9 @@ class PINetModule(pl.LightningModule):
                 metrics = evaluate_keypoints(
                     gt, results, protocol=protocol, sigmas=list(self.layout.sigmas),
                     results_path=results_path,
+                    # only the images this run evaluated: partial validation
+                    # (limit_val_batches, sanity check) must not count the rest as misses
+                    image_ids=image_ids,
                 )
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics["images"] = float(len(image_ids))

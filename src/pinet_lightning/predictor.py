@@ -1,0 +1,183 @@
+"""The public inference entry point: images in, people (keypoints + score) out.
+
+>>> predictor = Predictor.from_checkpoint("last.ckpt")          # or a save_model file
+>>> people = predictor("street.jpg")                             # list[Person]
+>>> people[0].keypoints  # (K, 3): x, y in the image's pixels, keypoint score
+
+Each image is resized with ``inference_resize`` (SPEC 5.1), images of the same resized size
+are batched, and ``predict_poses`` decodes them (flip test, refinement, fusion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pinet_lightning.decoding import DecodeConfig, predict_poses
+from pinet_lightning.layouts import Layout, get_layout
+
+__all__ = ["Person", "Predictor", "load_image"]
+
+ImageInput = np.ndarray | str | Path
+
+
+@dataclass
+class Person:
+    """One detected person: ``keypoints`` (K, 3) = (x, y, keypoint score) in the original
+    image's pixels, and the pose ``score``."""
+
+    keypoints: np.ndarray
+    score: float
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an RGB uint8 (H, W, 3) array (EXIF orientation ignored, like
+    the datasets)."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictor.py: no image file at '{path}'")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ValueError(f"predictor.py: cannot decode '{path}' as an image (corrupt file or "
+                         "unsupported format?)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_rgb(image: ImageInput) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        got = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"predictor.py: expected an (H, W, 3) RGB uint8 array or an image "
+                         f"path, got {got}; convert grayscale/RGBA images to RGB first")
+    if image.dtype != np.uint8:
+        raise ValueError(f"predictor.py: expected a uint8 image (0..255), got {image.dtype}; "
+                         "use image.astype(np.uint8) on 0..255 data")
+    return image
+
+
+class Predictor:
+    """Multi-person pose estimation with a trained PINet.
+
+    Args:
+        net: a ``PINet``.
+        layout: keypoint layout (default ``net.layout``).
+        decode_cfg: ``DecodeConfig`` or a mapping of its fields (SPEC 5 defaults).
+        input_size: short side of the network input (SPEC 5.1).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
+        batch_size: images of one resized size decoded together.
+        bf16: run the network under bfloat16 autocast (CUDA).
+    """
+
+    def __init__(self, net: nn.Module, layout: Layout | str | Mapping[str, Any] | None = None,
+                 decode_cfg: DecodeConfig | Mapping[str, Any] | None = None,
+                 input_size: int = 512, device: str | torch.device = "auto",
+                 batch_size: int = 8, bf16: bool = False) -> None:
+        self.device = _resolve_device(device)
+        self.net = net.to(self.device).eval()
+        self.layout = get_layout(layout if layout is not None else net.layout)
+        self.decode_cfg = DecodeConfig.from_any(decode_cfg)
+        self.input_size = int(input_size)
+        self.batch_size = max(1, int(batch_size))
+        self.bf16 = bf16
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
+                        input_size: int = 512, **decode_overrides: Any) -> Predictor:
+        """Load a Lightning checkpoint of ``PINetModule`` or a ``model.save_model`` file.
+
+        The network is rebuilt from the checkpoint's hyper-parameters (``layout``,
+        ``network``) and its ``net.*`` weights; decoding settings come from its ``decode``
+        hyper-parameters (or the save_model ``extra["decode"]``), then ``decode_overrides``
+        (any ``DecodeConfig`` field, e.g. ``flip_test=False``).
+        """
+        from pinet_lightning.model import PINet, load_model
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"predictor.py: no checkpoint at '{path}'")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # hparams holding config objects need the full unpickler
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict):
+            raise ValueError(f"predictor.py: '{path}' is neither a Lightning checkpoint nor a "
+                             "save_model file")
+        if "config" in blob and "format" in blob:  # model.save_model
+            net = load_model(path)
+            decode = dict((blob.get("extra") or {}).get("decode") or {})
+        elif "state_dict" in blob and "hyper_parameters" in blob:
+            hp = blob["hyper_parameters"]
+            network = {k: v for k, v in dict(hp.get("network") or {}).items()}
+            network["pretrained"] = None  # the weights are in the checkpoint
+            net = PINet(hp.get("layout", "crowdpose"), **network)
+            state = {}
+            for key, value in blob["state_dict"].items():
+                if key.startswith("net."):
+                    state[key[4:].replace("_orig_mod.", "")] = value
+            if not state:
+                raise ValueError(f"predictor.py: '{path}' has no 'net.*' weights; is it a "
+                                 "PINetModule checkpoint?")
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"predictor.py: weights in '{path}' do not fit the network "
+                                 f"of its hyper-parameters: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
+            decode = dict(hp.get("decode") or {})
+        else:
+            raise ValueError(f"predictor.py: '{path}' is neither a Lightning checkpoint "
+                             "(state_dict + hyper_parameters) nor a save_model file")
+        known = set(DecodeConfig.__dataclass_fields__)
+        decode = {k: v for k, v in decode.items() if k in known}
+        return cls(net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
+                   input_size=input_size, device=device)
+
+    def __call__(self, image_or_batch: ImageInput | Sequence[ImageInput]
+                 ) -> list[Person] | list[list[Person]]:
+        """People in one image (an RGB uint8 (H, W, 3) array or a path) or in each image of
+        a list (or of an (N, H, W, 3) array)."""
+        if isinstance(image_or_batch, np.ndarray) and image_or_batch.ndim == 4:
+            image_or_batch = list(image_or_batch)
+        single = isinstance(image_or_batch, (np.ndarray, str, Path))
+        images = [image_or_batch] if single else list(image_or_batch)
+        results = self.predict([_as_rgb(im) for im in images])
+        return results[0] if single else results
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[list[Person]]:
+        """People in each RGB uint8 image."""
+        from pinet_lightning.augmentation import inference_resize
+
+        prepared = [inference_resize(im, self.input_size) for im in images]
+        results: list[list[Person] | None] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, (resized, _) in enumerate(prepared):
+            by_size.setdefault(resized.shape, []).append(i)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                batch = torch.from_numpy(np.stack([prepared[i][0] for i in chunk]))
+                batch = batch.permute(0, 3, 1, 2).contiguous()
+                back = torch.from_numpy(np.stack([prepared[i][1] for i in chunk])).float()
+                amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
+                       else contextlib.nullcontext())
+                with amp:
+                    decoded = predict_poses(self.net, batch, self.layout, back, self.decode_cfg)
+                for i, (poses, scores) in zip(chunk, decoded, strict=True):
+                    results[i] = [Person(keypoints=p.numpy(), score=float(s))
+                                  for p, s in zip(poses, scores, strict=True)]
+        return [r if r is not None else [] for r in results]
