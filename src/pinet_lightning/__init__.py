@@ -1,6 +1,86 @@
-"""pinet-lightning: PINet multi-person pose estimation with PyTorch Lightning and Hydra."""
+"""pinet-lightning: PINet multi-person pose estimation with PyTorch Lightning and Hydra.
 
-from pinet_lightning.layouts import Layout, get_layout
+The public API, usable without Hydra::
+
+    from pinet_lightning import Predictor
+    predictor = Predictor.from_checkpoint("outputs/.../checkpoints/model.pt")
+    people = predictor("street.jpg")          # list[Person]: keypoints (K, 3), score
+
+    from pinet_lightning import PINet, get_layout, save_model, load_model
+    net = PINet("crowdpose", backbone="hrnet_w32", pretrained="hrnet_w32.pth")
+
+Names are imported on first use, so ``import pinet_lightning`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Layout", "get_layout", "__version__"]
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # keypoint layouts
+    "Layout": "layouts",
+    "get_layout": "layouts",
+    "register_layout": "layouts",
+    "available_layouts": "layouts",
+    # training targets (codec)
+    "encode_targets": "targets",
+    "PINetTargetCodec": "targets",
+    # data
+    "generate_synthetic_crowd": "synthetic",
+    "CocoKeypointDataset": "datasets",
+    "dataset_paths": "datasets",
+    "PINetDataModule": "datamodule",
+    # network
+    "PINet": "model",
+    "save_model": "model",
+    "load_model": "model",
+    "PINetLoss": "losses",
+    "PINetModule": "module",
+    # inference
+    "DecodeConfig": "decoding",
+    "predict_poses": "decoding",
+    "pose_fusion": "fusion",
+    "oks_nms": "fusion",
+    "oks_matrix": "fusion",
+    "evaluate_keypoints": "evaluation",
+    "to_coco_results": "evaluation",
+    "Predictor": "predictor",
+    "Person": "predictor",
+    "load_image": "predictor",
+    "draw_poses": "visualize",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pinet_lightning' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"pinet_lightning.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from pinet_lightning.datamodule import PINetDataModule
+    from pinet_lightning.datasets import CocoKeypointDataset, dataset_paths
+    from pinet_lightning.decoding import DecodeConfig, predict_poses
+    from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
+    from pinet_lightning.fusion import oks_matrix, oks_nms, pose_fusion
+    from pinet_lightning.layouts import Layout, available_layouts, get_layout, register_layout
+    from pinet_lightning.losses import PINetLoss
+    from pinet_lightning.model import PINet, load_model, save_model
+    from pinet_lightning.module import PINetModule
+    from pinet_lightning.predictor import Person, Predictor, load_image
+    from pinet_lightning.synthetic import generate_synthetic_crowd
+    from pinet_lightning.targets import PINetTargetCodec, encode_targets
+    from pinet_lightning.visualize import draw_poses
