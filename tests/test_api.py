@@ -57,3 +57,7 @@ def test_build_save_load_predict_without_hydra(tmp_path):
     assert len(batch[0]) == len(single) == len(batch[1])
     for a, b in zip(single, batch[0], strict=True):
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-3)
+
+
+def test_all_lists_exactly_the_lazy_exports():
+    assert set(pinet_lightning.__all__) == {"__version__", *pinet_lightning._EXPORTS}

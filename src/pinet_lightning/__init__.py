@@ -54,7 +54,35 @@ _EXPORTS: dict[str, str] = {
     "draw_poses": "visualize",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
+    "__version__",
+    "Layout",
+    "get_layout",
+    "register_layout",
+    "available_layouts",
+    "encode_targets",
+    "PINetTargetCodec",
+    "generate_synthetic_crowd",
+    "CocoKeypointDataset",
+    "dataset_paths",
+    "PINetDataModule",
+    "PINet",
+    "save_model",
+    "load_model",
+    "PINetLoss",
+    "PINetModule",
+    "DecodeConfig",
+    "predict_poses",
+    "pose_fusion",
+    "oks_nms",
+    "oks_matrix",
+    "evaluate_keypoints",
+    "to_coco_results",
+    "Predictor",
+    "Person",
+    "load_image",
+    "draw_poses",
+]
 
 
 def __getattr__(name: str) -> Any:

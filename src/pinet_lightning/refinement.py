@@ -6,9 +6,16 @@ kept learnable. One graph block, then L residual blocks of two graph blocks; the
 (mean and max over nodes, plus the source-cell feature) predicts a correction to the coarse
 offsets: refined offset = coarse offset + correction.
 
-Batch norm layout: node features are (N, K, C) and normalized as N*K rows of C channels
-(BatchNorm1d(C)); the readout normalizes N rows. With a ``valid`` mask (training proposals
-beyond the count m of SPEC 4), only valid proposals enter the batch statistics; invalid rows
+Memory layout: inside the network node features are node-major, (K, N, C), so the adjacency
+product A (X W) is ONE (K, K) x (K, N*C) matrix product on a view (no copy). In the
+proposal-major (N, K, C) layout ``matmul`` needs a transposed copy and a product per proposal
+(about 2x slower forward + backward on CPU, scripts/bench_refinement.py). The product gives
+bitwise the same values either way; the module's parameters and outputs are unchanged (up to
+float rounding: the batch norm statistics sum the rows in another order).
+
+Batch norm layout: node features are normalized as K*N rows of C channels (BatchNorm1d(C));
+the readout normalizes N rows. With a ``valid`` mask (training proposals beyond the count m
+of SPEC 4), only valid proposals enter the batch statistics; invalid rows
 are normalized with those statistics and their loss is masked by the caller. When fewer than
 two rows are valid (e.g. N = 1 in training), the running statistics are used and not updated.
 """
@@ -36,6 +43,43 @@ def normalized_adjacency(adjacency: np.ndarray | Tensor) -> Tensor:
     return d[:, None] * a * d[None, :]
 
 
+def _bilinear_gather(features: Tensor, points: Tensor, batch_index: Tensor) -> Tensor:
+    """Bilinear samples of ``features`` (B, C, h, w) at ``points`` (*S, 2) (x, y) in cells of
+    images ``batch_index`` (*S,) -> (*S, C); zero outside the map (pixel-center convention).
+
+    The four corners of every point are read with ONE gather from the (B*h*w, C) view of the
+    map: its backward is one accumulating ``index_put_`` into one zero gradient map, instead
+    of one per corner and call (each as large as the whole feature map). Indexing, not
+    ``index_select``: on CUDA its backward sums duplicate indices in float32 and
+    deterministically, where ``index_add_`` would add bf16 atomics. The corners are summed in
+    the fixed order (0,0), (1,0), (0,1), (1,1).
+    """
+    b, c, h, w = features.shape
+    shape = points.shape[:-1]
+    # A free view for channels-last maps (the usual training layout), one copy otherwise.
+    flat = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    pts = points.detach().float()
+    x0 = pts[..., 0].floor()
+    y0 = pts[..., 1].floor()
+    fx = pts[..., 0] - x0
+    fy = pts[..., 1] - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    # Corner c is (x0 + c % 2, y0 + c // 2); arange, not a host list: no host->device copy.
+    corner = torch.arange(4, device=pts.device).view(4, *([1] * len(shape)))
+    xi = x0[None] + corner % 2  # (4, *S)
+    yi = y0[None] + corner // 2
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    weight = (weight * inside).to(features.dtype)
+    index = (batch_index.long() * (h * w))[None] + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
+    # unbind, not corners[i]: the backward of unbind stacks the four gradients once, that
+    # of indexing would zero-fill a (4, *S, C) gradient per corner.
+    c0, c1, c2, c3 = flat[index.reshape(-1)].view(4, *shape, c).unbind(0)
+    w0, w1, w2, w3 = weight[..., None].unbind(0)
+    return c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
+
+
 def sample_features(features: Tensor, points: Tensor, batch_index: Tensor) -> Tensor:
     """Bilinear sampling of ``features`` (B, C, h, w) at ``points`` (N, M, 2) (x, y) in
     cells of image ``batch_index`` (N,) -> (N, M, C).
@@ -45,31 +89,64 @@ def sample_features(features: Tensor, points: Tensor, batch_index: Tensor) -> Te
     flattened map, so proposals of different images share one call without copying a
     feature map per proposal.
     """
-    b, c, h, w = features.shape
     n, m, _ = points.shape
-    flat = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
-    pts = points.detach().float()
-    x0 = pts[..., 0].floor()
-    y0 = pts[..., 1].floor()
-    fx = pts[..., 0] - x0
-    fy = pts[..., 1] - y0
-    x0 = x0.long()
-    y0 = y0.long()
-    base = (batch_index.long() * (h * w))[:, None]
-    out = features.new_zeros((n, m, c))
-    for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        xi = x0 + dx
-        yi = y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        index = base + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
-        weight = (weight * inside).to(features.dtype)
-        out = out + flat[index.reshape(-1)].view(n, m, c) * weight[..., None]
-    return out
+    return _bilinear_gather(features, points, batch_index[:, None].expand(n, m))
+
+
+class _MaskedNorm(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias with statistics taken over weighted rows.
+
+    ``mean`` and ``invstd`` come in detached; the backward adds their dependence on x
+    analytically (the batch norm gradient restricted to the rows that made the statistics):
+
+        dx_m = invstd * (dxhat_m - row_m * (sum_j dxhat_j + xhat_m * sum_j dxhat_j xhat_j))
+
+    with dxhat = dy * weight and ``row_m`` = 1 / count for rows in the statistics, 0 for the
+    others and everywhere when the running statistics were used. Autograd through the
+    statistics would keep and re-read about a dozen (rows, C) temporaries per norm; this
+    keeps x and reads it twice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, row: Tensor, mean: Tensor, invstd: Tensor,  # type: ignore[override]
+                weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        dtype = row.dtype
+        scale = invstd if weight is None else invstd * weight.to(dtype)
+        shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
+        ctx.save_for_backward(x, row, mean, invstd, weight)
+        ctx.has_bias = bias is not None
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.addcmul(shift, x.to(dtype), scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, row, mean, invstd, weight = ctx.saved_tensors
+        dtype = row.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.to(dtype)
+            xhat = (x.to(dtype) - mean) * invstd
+            grad_bias = g.sum(0)
+            grad_weight = (g * xhat).sum(0)
+            w = None if weight is None else weight.to(dtype)
+            sum_dxhat = grad_bias if w is None else grad_bias * w
+            sum_dxhat_xhat = grad_weight if w is None else grad_weight * w
+            # dx = g * (invstd * weight) - row * invstd * (sum_dxhat + xhat * sum_dxhat_xhat)
+            correction = torch.addcmul(sum_dxhat, xhat, sum_dxhat_xhat) * (invstd * row[:, None])
+            scale = invstd if w is None else invstd * w
+            grad_x = torch.addcmul(-correction, g, scale).to(x.dtype)
+        if weight is None:
+            return grad_x, None, None, None, None, None
+        return (grad_x, None, None, None, grad_weight.to(weight.dtype),
+                grad_bias.to(weight.dtype) if ctx.has_bias else None)
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over rows (M, C) whose training statistics can skip masked-out rows."""
+    """BatchNorm1d over rows (M, C) whose training statistics can skip masked-out rows.
+
+    With a mask (training): statistics (in float32, also under autocast) over the rows where
+    the mask is true; the running statistics are updated only when at least two rows count,
+    and are used instead when fewer do. All rows are normalized with those statistics.
+    """
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if not self.training:
@@ -80,14 +157,19 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             # One row has no batch statistics: use the running ones, leave them unchanged.
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
-        w = mask.to(torch.float32)[:, None]
-        xf = x.float()
-        count = w.sum()
-        mean = (xf * w).sum(0) / count.clamp_min(1)
-        var = ((xf - mean) ** 2 * w).sum(0) / count.clamp_min(1)
-        enough = count > 1
-        if self.running_mean is not None and self.running_var is not None:
-            with torch.no_grad():
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            w = mask.to(dtype)
+            xf = x.to(dtype)
+            count = w.sum()
+            inv_count = 1 / count.clamp_min(1)
+            # Column sums, not mv(x.t(), w): torch's pairwise summation keeps float32
+            # statistics of 10^4..10^5 rows as accurate as the reference (BLAS gemv
+            # accumulates sequentially; measured ~3x larger errors).
+            mean = (xf * w[:, None]).sum(0) * inv_count
+            var = ((xf - mean).square() * w[:, None]).sum(0) * inv_count
+            enough = count > 1
+            if self.running_mean is not None and self.running_var is not None:
                 unbiased = var * count / (count - 1).clamp_min(1)
                 mom = self.momentum if self.momentum is not None else 0.1
                 new_mean = (1 - mom) * self.running_mean + mom * mean
@@ -96,17 +178,21 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 self.running_var.copy_(torch.where(enough, new_var, self.running_var))
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(enough.long())
-            mean = torch.where(enough, mean, self.running_mean)
-            var = torch.where(enough, var, self.running_var)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
+                mean = torch.where(enough, mean, self.running_mean.to(dtype))
+                var = torch.where(enough, var, self.running_var.to(dtype))
+            else:
+                enough = torch.ones_like(enough)  # no running statistics: always the batch's
+            invstd = torch.rsqrt(var + self.eps)
+            # Rows in the statistics carry 1 / count in the gradient; none do when the
+            # (constant) running statistics were used.
+            row = w * torch.where(enough, inv_count, torch.zeros_like(inv_count))
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        return _MaskedNorm.apply(x, row, mean, invstd, weight, bias)
 
 
 class GraphBlock(nn.Module):
     """Graph conv A (X W) + b (A passed in: one learnable matrix shared by all blocks),
-    batch norm over channels, ReLU."""
+    batch norm over channels, ReLU, on node-major features (K, N, C)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -115,14 +201,19 @@ class GraphBlock(nn.Module):
         self.norm = MaskedBatchNorm1d(out_channels)
 
     def forward(self, x: Tensor, adjacency: Tensor, mask: Tensor | None) -> Tensor:
-        n, k, _ = x.shape
-        y = torch.matmul(adjacency.to(x.dtype), self.linear(x)) + self.bias.to(x.dtype)
-        node_mask = None if mask is None else mask[:, None].expand(n, k).reshape(-1)
-        y = self.norm(y.reshape(n * k, -1), node_mask).view(n, k, -1)
+        """x (K, N, C_in) -> (K, N, C_out); ``mask`` (N,) selects the rows of the BN stats."""
+        k, n, _ = x.shape
+        y = self.linear(x)
+        # One (K, K) x (K, N*C) product on a view: A mixes the nodes of every proposal.
+        y = torch.mm(adjacency.to(y.dtype), y.view(k, -1)).view(k, n, -1) + self.bias.to(y.dtype)
+        node_mask = None if mask is None else mask[None, :].expand(k, n).reshape(-1)
+        y = self.norm(y.view(k * n, -1), node_mask).view(k, n, -1)
         return F.relu(y)
 
 
 class ResidualGraphBlock(nn.Module):
+    """Two graph blocks with a skip connection."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.block1 = GraphBlock(channels, channels)
@@ -182,11 +273,14 @@ class PoseRefinement(nn.Module):
                              f"{tuple(poses.shape)}")
         if n == 0:
             return features.new_zeros((0, k, 2))
-        nodes = sample_features(features, poses, batch_index)  # (N, K, C)
-        source = sample_features(features, cells[:, None, :].to(poses.dtype), batch_index)[:, 0]
+        # The K keypoints and the source cell of every proposal in one gather, node-major:
+        # (K + 1, N, 2) points -> (K + 1, N, C) features.
+        points = torch.cat([poses.transpose(0, 1), cells[None].to(poses.dtype)], dim=0)
+        sampled = _bilinear_gather(features, points, batch_index[None].expand(k + 1, n))
+        nodes, source = sampled[:k], sampled[k]  # (K, N, C), (N, C)
         x = self.input_block(nodes, self.adjacency, valid)
         for block in self.blocks:
             x = block(x, self.adjacency, valid)
-        pooled = torch.cat([x.mean(dim=1), x.amax(dim=1), source.to(x.dtype)], dim=1)
+        pooled = torch.cat([x.mean(dim=0), x.amax(dim=0), source.to(x.dtype)], dim=1)
         y = F.relu(self.readout_norm(self.readout(pooled), valid))
         return self.output(y).view(n, k, 2)
