@@ -1,0 +1,12 @@
+"""Evaluate a checkpoint on a split (same as `pinet-eval`):
+`python scripts/eval.py ckpt_path=<ckpt> [overrides]`.
+
+Hydra overrides, `-m` sweeps and `--help` work as with the console command; the configs are
+the packaged `conf/` tree.
+"""
+
+import pinet_lightning.cli  # noqa: F401  (before torch: sets OMP_WAIT_POLICY, resolvers)
+from pinet_lightning.cli.eval import main
+
+if __name__ == "__main__":
+    main()

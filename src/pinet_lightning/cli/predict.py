@@ -1,0 +1,174 @@
+"""``pinet-predict``: poses on a folder of images or a video (``conf/predict.yaml``).
+
+    pinet-predict ckpt_path=<.ckpt or model.pt> input=<folder | video file> output_dir=<dir>
+
+Writes into ``output_dir`` (default: the run directory):
+
+- ``results.json``: COCO keypoint results (``image_id``, ``category_id`` 1, ``keypoints``
+  ``[x, y, score] * K`` in the original pixels, ``score``);
+- ``image_ids.json``: ``[{"id", "file_name"}]`` (images: sorted file names, ids from 1;
+  video: ``frame_000000`` ..., ids = frame number + 1);
+- ``images/<name>`` or ``frames/frame_NNNNNN.jpg`` with the skeletons drawn, and for a video
+  ``<video name>_poses.mp4``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pinet_lightning.cli.common import (
+    load_inference_net,
+    run_hydra,
+    save_config,
+    setup_threads,
+    to_plain,
+    training_input_size,
+)
+
+__all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+
+log = logging.getLogger("pinet_lightning.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def _image_items(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from pinet_lightning.predictor import load_image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"pinet-predict: no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                                f"{folder}")
+    for path in files:
+        yield path.name, load_image(path)
+
+
+def _video_items(path: Path, max_frames: int | None) -> Iterator[tuple[str, np.ndarray]]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise OSError(f"pinet-predict: OpenCV cannot open the video {path} (unknown codec?); "
+                      "extract its frames into a folder and pass that folder as input")
+    try:
+        index = 0
+        while max_frames is None or index < max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            yield f"frame_{index:06d}.jpg", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        capture.release()
+
+
+def _video_fps(path: Path) -> float:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    capture.release()
+    return float(fps) if fps and fps > 0 else 25.0
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run the predictor over ``cfg.input``; returns a summary (counts and paths)."""
+    import cv2
+
+    from pinet_lightning.decoding import DecodeConfig
+    from pinet_lightning.visualize import draw_poses, save_image
+
+    setup_threads(cfg)
+    source = Path(str(cfg.input)).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"pinet-predict: input={cfg.input} does not exist (a folder of "
+                                "images or a video file)")
+    is_video = source.is_file()
+    if is_video and source.suffix.lower() not in VIDEO_SUFFIXES:
+        log.warning("%s: not a known video suffix %s; trying OpenCV anyway", source,
+                    VIDEO_SUFFIXES)
+    out_dir = Path(str(cfg.get("output_dir") or cfg.paths.output_dir)).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "predict_config.yaml")
+
+    input_size = cfg.get("input_size") or training_input_size(cfg.ckpt_path) or 512
+    predictor = load_inference_net(cfg.ckpt_path)
+    from pinet_lightning.predictor import Predictor
+
+    predictor = Predictor(predictor.net, layout=predictor.layout,
+                          decode_cfg=DecodeConfig.from_any(to_plain(cfg.decode)),
+                          input_size=int(input_size), device=str(cfg.get("device", "auto")),
+                          batch_size=int(cfg.get("batch_size", 1)))
+    log.info("predicting on %s with input size %d on %s", source, input_size, predictor.device)
+
+    items = _video_items(source, cfg.get("max_frames")) if is_video else _image_items(source)
+    drawn_dir = out_dir / ("frames" if is_video else "images")
+    writer = None
+    video_path = out_dir / f"{source.stem}_poses.mp4"
+    results: list[dict] = []
+    image_ids: list[dict] = []
+    batch: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal writer
+        people_per_image = predictor.predict([im for _, im in batch])
+        for (name, image), people in zip(batch, people_per_image, strict=True):
+            image_id = len(image_ids) + 1
+            image_ids.append({"id": image_id, "file_name": name,
+                              "height": int(image.shape[0]), "width": int(image.shape[1])})
+            for person in people:
+                results.append({"image_id": image_id, "category_id": 1,
+                                "keypoints": [round(float(v), 3)
+                                              for v in person.keypoints.reshape(-1)],
+                                "score": float(person.score)})
+            if not cfg.get("draw", True):
+                continue
+            poses = (np.stack([p.keypoints for p in people]) if people
+                     else np.zeros((0, predictor.layout.num_keypoints, 3)))
+            scores = np.array([p.score for p in people])
+            canvas = draw_poses(image, poses, predictor.layout, scores,
+                                threshold=float(cfg.threshold), min_score=float(cfg.min_score))
+            save_image(drawn_dir / name, canvas)
+            if is_video and cfg.get("write_video", True):
+                if writer is None:
+                    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"),
+                                             _video_fps(source),
+                                             (canvas.shape[1], canvas.shape[0]))
+                writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        batch.clear()
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= predictor.batch_size:
+            flush()
+    if batch:
+        flush()
+    if writer is not None:
+        writer.release()
+
+    (out_dir / "results.json").write_text(json.dumps(results))
+    (out_dir / "image_ids.json").write_text(json.dumps(image_ids, indent=1))
+    summary = {"images": len(image_ids), "poses": len(results),
+               "results_json": str(out_dir / "results.json"), "output_dir": str(out_dir)}
+    if writer is not None:
+        summary["video"] = str(video_path)
+    log.info("%d %s, %d poses -> %s", len(image_ids), "frames" if is_video else "images",
+             len(results), out_dir)
+    return summary
+
+
+def main() -> None:
+    """Console entry point ``pinet-predict``."""
+    run_hydra("predict", predict)
+
+
+if __name__ == "__main__":
+    main()
