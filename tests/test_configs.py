@@ -253,3 +253,22 @@ def test_run_dir_resolver():
     assert cfg.d == "fallback"
     cfg.run_dir = "/runs/x"
     assert cfg.d == "/runs/x"
+
+
+def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from pinet_lightning.cli import auto_precision
+
+    cfg = _compose("train", ["trainer=cpu"], tmp_path)
+    assert cfg.trainer.precision == "32-true"
+    cfg = _compose("train", ["trainer.precision=16-mixed"], tmp_path)
+    assert cfg.trainer.precision == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert auto_precision("auto") == auto_precision("gpu") == "bf16-mixed"
+    assert auto_precision("cpu") == "32-true"
+    assert _compose("train", ["trainer=gpu"], tmp_path).trainer.precision == "bf16-mixed"
+    assert _compose("train", ["trainer=ddp_cpu"], tmp_path).trainer.precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. V100
+    assert auto_precision("gpu") == "32-true"

@@ -225,10 +225,13 @@ class PINetModule(pl.LightningModule):
         outputs = forward(images)
         losses = self.criterion(outputs, batch, self.net)
         batch_size = images.shape[0]
+        # The progress bar reads its metrics as Python floats at every refresh: a host-device
+        # sync per step on a GPU, so the loss shows in the bar on the CPU only.
+        in_bar = images.device.type == "cpu"
         for name, value in losses.items():
             # Step values unsynced (no collective per step); epoch means synced once.
             self.log(f"train/{name}", value, on_step=True, on_epoch=False,
-                     prog_bar=name == "loss", batch_size=batch_size)
+                     prog_bar=in_bar and name == "loss", batch_size=batch_size)
             self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True,
                      sync_dist=True, batch_size=batch_size)
         return losses["loss"]

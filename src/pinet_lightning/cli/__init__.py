@@ -6,7 +6,9 @@ the OmegaConf resolvers the configs in ``conf/`` use:
 - ``${pinet_or:a,b}``: ``a`` unless it is null or empty, else ``b`` (``run_dir`` fallback);
 - ``${pinet_run_name:}``: the run directory name: ``slurm_<job id>`` under SLURM,
   ``torchrun_<run id>`` under torchrun (every rank and node agrees, a requeued job finds its
-  checkpoints again), else a timestamp.
+  checkpoints again), else a timestamp;
+- ``${pinet_precision:<accelerator>}``: ``bf16-mixed`` when that accelerator means a CUDA GPU
+  that supports bfloat16 (``auto`` with one present, ``gpu``, ``cuda``), else ``32-true``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["run_name", "register_resolvers"]
+__all__ = ["run_name", "auto_precision", "register_resolvers"]
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -42,13 +44,27 @@ def run_name() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def auto_precision(accelerator: str = "auto") -> str:
+    """Lightning precision for ``accelerator``: bf16 autocast on a bf16-capable CUDA GPU
+    (the losses and batch-norm statistics stay float32), full float32 elsewhere."""
+    if str(accelerator).lower() not in ("auto", "gpu", "cuda"):
+        return "32-true"
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
 def register_resolvers() -> None:
-    """Register ``pinet_or`` and ``pinet_run_name`` (idempotent)."""
+    """Register ``pinet_or``, ``pinet_run_name`` and ``pinet_precision`` (idempotent)."""
     if not OmegaConf.has_resolver("pinet_or"):
         OmegaConf.register_new_resolver("pinet_or", _or)
     if not OmegaConf.has_resolver("pinet_run_name"):
         # cached: one name per config object, as Hydra's ${now:}
         OmegaConf.register_new_resolver("pinet_run_name", run_name, use_cache=True)
+    if not OmegaConf.has_resolver("pinet_precision"):
+        OmegaConf.register_new_resolver("pinet_precision", auto_precision)
 
 
 register_resolvers()
