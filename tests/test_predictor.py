@@ -57,6 +57,23 @@ def test_predictor_inputs_array_path_and_list(small_net, image, tmp_path):
     _same(stacked[0], batch[1])
 
 
+def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
+    import pinet_lightning.predictor as predictor_module
+
+    scores = torch.tensor([0.9, 0.05, 0.3, 0.1])
+    poses = torch.arange(4 * 14 * 3, dtype=torch.float32).reshape(4, 14, 3)
+
+    def fake_predict_poses(net, images, layout, back, cfg):
+        return [(poses, scores) for _ in range(images.shape[0])]
+
+    monkeypatch.setattr(predictor_module, "predict_poses", fake_predict_poses)
+    everyone = Predictor(small_net, input_size=64, device="cpu")(image)
+    assert [p.score for p in everyone] == pytest.approx([0.9, 0.05, 0.3, 0.1])
+    kept = Predictor(small_net, input_size=64, device="cpu", min_score=0.1)(image)
+    assert [p.score for p in kept] == pytest.approx([0.9, 0.3, 0.1])
+    np.testing.assert_array_equal(kept[1].keypoints, poses[2].numpy())
+
+
 def test_from_checkpoint_save_model_file(small_net, image, tmp_path):
     from pinet_lightning.model import save_model
 
@@ -86,6 +103,28 @@ def test_from_checkpoint_lightning(small_net, image, tmp_path):
     _same(loaded(image), direct(image))
 
 
+def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
+    from pinet_lightning.model import save_model
+
+    path = tmp_path / "with_size.pt"
+    save_model(path, small_net, extra={"input_size": 128})
+    assert Predictor.from_checkpoint(path, device="cpu").input_size == 128
+    assert Predictor.from_checkpoint(path, device="cpu", input_size=96).input_size == 96
+    bare = tmp_path / "bare.pt"
+    save_model(bare, small_net)
+    assert Predictor.from_checkpoint(bare, device="cpu").input_size == 512
+    # a Lightning checkpoint in <run>/checkpoints/ reads <run>/config.yaml
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  input_size: 256\n")
+    hparams = {"layout": small_net.layout.to_dict(),
+               "network": {"backbone": "hrnet_w18_small", "refine_layers": 1}}
+    state = {f"net.{k}": v for k, v in small_net.state_dict().items()}
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    assert Predictor.from_checkpoint(ckpt, device="cpu").input_size == 256
+
+
 def test_from_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Predictor.from_checkpoint(tmp_path / "missing.ckpt")
@@ -101,11 +140,11 @@ def test_bad_images(small_net, tmp_path):
         predictor(np.zeros((32, 32), dtype=np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         predictor(np.zeros((32, 32, 3), dtype=np.float32))
-    with pytest.raises(FileNotFoundError, match="no image file"):
+    with pytest.raises(FileNotFoundError, match=r"none\.jpg does not exist"):
         predictor(tmp_path / "none.jpg")
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot decode"):
+    with pytest.raises(OSError, match=r"cannot decode image .*junk\.jpg"):
         predictor(junk)
 
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pinet_lightning.datasets import read_image
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.layouts import Layout, get_layout
 
-__all__ = ["Person", "Predictor", "load_image"]
+__all__ = ["Person", "Predictor", "load_image", "trained_input_size"]
 
 ImageInput = np.ndarray | str | Path
 
@@ -37,19 +38,32 @@ class Person:
     score: float
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as an RGB uint8 (H, W, 3) array (EXIF orientation ignored, like
-    the datasets)."""
-    import cv2
+# One image reader for training data and inference (EXIF orientation ignored, RGB uint8).
+load_image = read_image
 
+
+def trained_input_size(path: str | Path, blob: Mapping[str, Any] | None = None) -> int | None:
+    """The input size a checkpoint's network was trained at: ``extra["input_size"]`` of a
+    ``save_model`` file, else ``data.input_size`` of the run's ``config.yaml`` (pinet-train
+    writes checkpoints to ``<run>/checkpoints/``; a config beside the file also counts); None
+    when neither says.
+
+    A network run at another scale than it was trained at finds people of the wrong size.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictor.py: no image file at '{path}'")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise ValueError(f"predictor.py: cannot decode '{path}' as an image (corrupt file or "
-                         "unsupported format?)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if blob is None:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    size = (blob.get("extra") or {}).get("input_size") if isinstance(blob, Mapping) else None
+    if size:
+        return int(size)
+    from omegaconf import OmegaConf
+
+    for folder in (path.resolve().parent.parent, path.resolve().parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            size = OmegaConf.select(OmegaConf.load(config), "data.input_size", default=None)
+            return int(size) if size else None
+    return None
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -82,12 +96,15 @@ class Predictor:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).
+        min_score: drop people whose pose score is below this (0: keep every fused pose,
+            as the evaluation does; weak poses only cost a little AP there, but a caller
+            who wants "the people in the image" usually wants a threshold such as 0.1).
     """
 
     def __init__(self, net: nn.Module, layout: Layout | str | Mapping[str, Any] | None = None,
                  decode_cfg: DecodeConfig | Mapping[str, Any] | None = None,
                  input_size: int = 512, device: str | torch.device = "auto",
-                 batch_size: int = 8, bf16: bool = False) -> None:
+                 batch_size: int = 8, bf16: bool = False, min_score: float = 0.0) -> None:
         self.device = _resolve_device(device)
         self.net = net.to(self.device).eval()
         self.layout = get_layout(layout if layout is not None else net.layout)
@@ -95,16 +112,19 @@ class Predictor:
         self.input_size = int(input_size)
         self.batch_size = max(1, int(batch_size))
         self.bf16 = bf16
+        self.min_score = float(min_score)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
-                        input_size: int = 512, **decode_overrides: Any) -> Predictor:
+                        input_size: int | None = None, min_score: float = 0.0,
+                        **decode_overrides: Any) -> Predictor:
         """Load a Lightning checkpoint of ``PINetModule`` or a ``model.save_model`` file.
 
         The network is rebuilt from the checkpoint's hyper-parameters (``layout``,
         ``network``) and its ``net.*`` weights; decoding settings come from its ``decode``
         hyper-parameters (or the save_model ``extra["decode"]``), then ``decode_overrides``
-        (any ``DecodeConfig`` field, e.g. ``flip_test=False``).
+        (any ``DecodeConfig`` field, e.g. ``flip_test=False``). ``input_size`` None: the
+        size the network was trained at (see :func:`trained_input_size`), else 512.
         """
         from pinet_lightning.model import PINet, load_model
 
@@ -144,8 +164,10 @@ class Predictor:
                              "(state_dict + hyper_parameters) nor a save_model file")
         known = set(DecodeConfig.__dataclass_fields__)
         decode = {k: v for k, v in decode.items() if k in known}
+        if input_size is None:
+            input_size = trained_input_size(path, blob) or 512
         return cls(net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
-                   input_size=input_size, device=device)
+                   input_size=input_size, device=device, min_score=min_score)
 
     def __call__(self, image_or_batch: ImageInput | Sequence[ImageInput]
                  ) -> list[Person] | list[list[Person]]:
@@ -179,5 +201,6 @@ class Predictor:
                     decoded = predict_poses(self.net, batch, self.layout, back, self.decode_cfg)
                 for i, (poses, scores) in zip(chunk, decoded, strict=True):
                     results[i] = [Person(keypoints=p.numpy(), score=float(s))
-                                  for p, s in zip(poses, scores, strict=True)]
+                                  for p, s in zip(poses, scores, strict=True)
+                                  if float(s) >= self.min_score]
         return [r if r is not None else [] for r in results]

@@ -21,6 +21,7 @@ __all__ = [
     "run_hydra",
     "external_rank",
     "setup_threads",
+    "start_run",
     "missing_keys",
     "save_config",
     "instantiate_group",
@@ -105,6 +106,24 @@ def setup_threads(cfg: DictConfig) -> None:
     threads = cfg.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """Threads, the run directory (created and given ``config.yaml`` by the writing rank
+    alone: not our DDP children, not srun / torchrun ranks > 0) and the seed; returns the
+    run directory."""
+    import pytorch_lightning as pl
+
+    from pinet_lightning.cli.ddp import is_ddp_child
+
+    setup_threads(cfg)
+    out_dir = Path(str(cfg.paths.output_dir)).resolve()
+    if not is_ddp_child() and external_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)
+    return out_dir
 
 
 def to_plain(cfg: Any) -> Any:
@@ -267,18 +286,8 @@ def load_inference_net(ckpt_path: str | Path) -> Any:
 
 
 def training_input_size(ckpt_path: str | Path) -> int | None:
-    """The ``data.input_size`` the checkpoint was trained with: from a ``model.pt``'s
-    ``extra`` or from the training run's ``config.yaml``; None when unknown."""
-    path = Path(str(ckpt_path))
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        size = (blob.get("extra") or {}).get("input_size") if isinstance(blob, dict) else None
-        if size:
-            return int(size)
-    except Exception:  # a checkpoint needing the full unpickler: use the run config
-        pass
-    run_cfg = run_config_for(path)
-    if run_cfg is not None and run_cfg.get("data") is not None:
-        size = run_cfg.data.get("input_size")
-        return int(size) if size else None
-    return None
+    """The ``data.input_size`` the checkpoint was trained with, None when unknown
+    (:func:`pinet_lightning.predictor.trained_input_size`)."""
+    from pinet_lightning.predictor import trained_input_size
+
+    return trained_input_size(Path(str(ckpt_path)))

@@ -20,18 +20,16 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from pinet_lightning.cli.common import (
-    external_rank,
     format_metrics,
     load_inference_net,
     print_metric_table,
     run_config_for,
     run_hydra,
-    save_config,
-    setup_threads,
+    start_run,
     to_plain,
     write_metrics,
 )
-from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, is_ddp_child, register_job
+from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 
 __all__ = ["main", "evaluate"]
 
@@ -63,16 +61,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from pinet_lightning.module import PINetModule
 
-    setup_threads(cfg)
     split = str(cfg.get("split", "test"))
     if split not in ("test", "val"):
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")
-    out_dir = Path(str(cfg.paths.output_dir)).resolve()
-    if not is_ddp_child() and external_rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    if cfg.get("seed") is not None:
-        pl.seed_everything(int(cfg.seed), workers=True)
+    out_dir = start_run(cfg)
 
     predictor = load_inference_net(cfg.ckpt_path)
     net_config = {k: v for k, v in predictor.net.config.items() if k != "layout"}

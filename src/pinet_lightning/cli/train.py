@@ -26,19 +26,17 @@ import torch
 from omegaconf import DictConfig
 
 from pinet_lightning.cli.common import (
-    external_rank,
     format_metrics,
     instantiate_group,
     missing_keys,
     print_metric_table,
     resolve_ckpt_path,
     run_hydra,
-    save_config,
-    setup_threads,
+    start_run,
     to_plain,
     write_metrics,
 )
-from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, is_ddp_child, register_job
+from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 
 __all__ = ["main", "train", "prediction_figure"]
 
@@ -166,15 +164,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     started = time.time()
     _check_required(cfg)
-    setup_threads(cfg)
-    out_dir = Path(str(cfg.paths.output_dir)).resolve()
-    # rank 0 alone writes into the run directory (our DDP children, srun / torchrun ranks > 0
-    # only read it)
-    if not is_ddp_child() and external_rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    if cfg.get("seed") is not None:
-        pl.seed_everything(int(cfg.seed), workers=True)
+    out_dir = start_run(cfg)  # rank 0 alone writes into the run directory
     # train: the checkpoint to resume; train=false: the checkpoint to test
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
 
