@@ -59,6 +59,7 @@ def test_spec_defaults(tmp_path):
     cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
     t = cfg.data.targets
     assert (t.sigma, t.radius, t.bg_weight, t.min_part_area) == (2.0, 2, 0.1, 0.0)
+    assert (t.window_sigmas, t.part_center_in_map) == (3.0, False)
     a = cfg.data.augmentation
     assert (a.max_rotation, a.min_scale, a.max_scale, a.max_translate, a.flip_prob) == (
         30.0, 0.75, 1.5, 40.0, 0.5)
@@ -70,8 +71,10 @@ def test_spec_defaults(tmp_path):
     d = cfg.model.decode
     assert (d.top_k, d.score_threshold, d.oks_threshold, d.flip_test) == (30, 0.01, 0.7, True)
     assert (d.nms_large_size, d.nms_medium_size, list(d.scales)) == (300.0, 200.0, [1.0])
+    assert list(d.nms_kernels) == [7, 5, 3]
     assert cfg.model.optimizer.lr == 0.001 and cfg.model.optimizer.gamma == 0.1
     assert cfg.model.network.backbone == "hrnet_w32"
+    assert cfg.model.network.head_init_std == 0.001
 
 
 @pytest.mark.parametrize("experiment,expected", [

@@ -106,6 +106,10 @@ def test_nms_kernel_size_thresholds():
     assert nms_kernel_size(300, 300) == 5
     assert nms_kernel_size(300, 302) == 7
     assert nms_kernel_size(128, 128, DecodeConfig(nms_medium_size=100)) == 5
+    custom = DecodeConfig(nms_kernels=(9, 7, 1))
+    assert [nms_kernel_size(s, s, custom) for s in (128, 256, 512)] == [1, 7, 9]
+    with pytest.raises(ValueError, match="three odd"):
+        DecodeConfig(nms_kernels=(7, 4, 3))
 
 
 def test_find_peaks_local_maxima_topk_and_threshold():

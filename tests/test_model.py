@@ -144,3 +144,13 @@ def test_overfit_four_synthetic_images(synthetic_crowd):
     first, last = history[0], history[-1]
     assert last["loss"] < 0.2 * first["loss"], (first, last)
     assert last["refine"] < first["refine"] and last["offset"] < first["offset"]
+
+
+def test_head_init_std_reaches_the_ppg_heads():
+    net = PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1, head_init_std=0.05)
+    convs = [m for m in net.heads.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        assert 0.04 < conv.weight.std().item() < 0.06
+        assert torch.count_nonzero(conv.bias) == 0
+    assert net.config["head_init_std"] == 0.05

@@ -209,7 +209,7 @@ def test_ignore_mask_zeroes_both_masks_only():
 def test_keypoint_outside_the_map():
     # k1 at x = W (outside), k2 at (9.5, 3) inside; k0 at (-0.5, 2) outside.
     kp = _people([(-0.5, 2, 2), (10, 3, 2), (9.5, 3, 2)])
-    out = encode_targets(kp, [4.0], TINY, (8, 10), sigma=1.0)
+    out = encode_targets(kp, [4.0], TINY, (8, 10), sigma=1.0, part_center_in_map=True)
     assert (out["heatmaps"][:2] == 0).all()
     assert out["heatmaps"][2, 3, 9] == np.float32(_gauss(0.5, 0.0, 1.0))
     assert (out["heatmap_mask"][:2] == np.float32(BG)).all()
@@ -225,7 +225,7 @@ def test_keypoint_outside_the_map():
     assert exists.tolist() == [[False, True]]
     c, exists = part_centers(kp, TINY, (8, 10))
     np.testing.assert_allclose(c[0, 1], [9.5, 3.0])
-    out = encode_targets(kp, [4.0], TINY, (8, 10), sigma=1.0, part_center_in_map=False)
+    out = encode_targets(kp, [4.0], TINY, (8, 10), sigma=1.0)  # default: the SPEC rule
     assert out["part_heatmaps"][1, 3, 9] == np.float32(_gauss(0.75, 0.0, 1.0))
     # a center off the map writes nothing
     far = _people([(1, 1, 2), (12, 3, 2), (9.5, 3, 2)])  # p1 center (10.75, 3)
@@ -321,7 +321,7 @@ def test_omega_format_is_the_dense_targets_without_zeros():
 # ---------------------------------------------------------------- slow loop reference
 
 
-def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area):
+def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area, in_map):
     """SPEC 2 with the module's documented choices, one person/keypoint/cell at a time."""
     h, w = size
     k_num, p_num = layout.num_keypoints, layout.num_parts
@@ -351,10 +351,13 @@ def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area):
         if areas[n] < min_area:
             continue
         for p, part in enumerate(layout.parts):
-            pts = [kp[n, k, :2] for k in part if counts(*kp[n, k])]
+            use = counts if in_map else (lambda x, y, v: v > 0)
+            pts = [kp[n, k, :2] for k in part if use(*kp[n, k])]
             if not pts:
                 continue
             cx, cy = np.mean(pts, axis=0)
+            if not (0 <= cx < w and 0 <= cy < h):  # a center off the map writes nothing
+                continue
             splat(parts, pmask, p, cx, cy)
             for j in range(int(cy) - radius, int(cy) + radius):
                 for i in range(int(cx) - radius, int(cx) + radius):
@@ -376,8 +379,9 @@ def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area):
     return heat, hmask, parts, pmask, off, wt
 
 
+@pytest.mark.parametrize("in_map", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_slow_loop_reference(seed):
+def test_matches_slow_loop_reference(seed, in_map):
     rng = np.random.default_rng(seed)
     layout = get_layout("crowdpose")
     h, w, n = 18, 22, 6
@@ -393,8 +397,8 @@ def test_matches_slow_loop_reference(seed):
     sigma = [2.0, 1.5, 1.0][seed]
     min_area = [0.0, 50.0, 0.0][seed]
     out = encode_targets(kp, areas, layout, (h, w), sigma=sigma, radius=2, bg_weight=BG,
-                         ignore_mask=ignore, min_part_area=min_area)
-    ref = _reference(kp, areas, layout, (h, w), sigma, 2, BG, ignore, min_area)
+                         ignore_mask=ignore, min_part_area=min_area, part_center_in_map=in_map)
+    ref = _reference(kp, areas, layout, (h, w), sigma, 2, BG, ignore, min_area, in_map)
     for key, expect in zip(TARGET_KEYS, ref, strict=True):
         if key in ("heatmaps", "part_heatmaps"):
             np.testing.assert_allclose(out[key], expect, rtol=1e-6, atol=1e-7, err_msg=key)
@@ -459,3 +463,16 @@ def test_crowdpose_val_most_crowded_images(crowdpose_val_json):
         match = (dist.max(-1) < 1e-4) & (weights[2 * ch, j, i][:, None] == allowed[None])
         assert match.any(1).all()
     assert checked_omega >= 45
+
+
+def test_window_sigmas_sets_the_gaussian_window():
+    kp = _people([(6, 6, 2), (-9, -9, 0), (-9, -9, 0)])
+    for window, side in ((3.0, 7), (1.0, 3), (2.5, 5)):
+        out = encode_targets(kp, [100.0], TINY, (13, 13), sigma=1.0, window_sigmas=window)
+        ones = out["heatmap_mask"][0] == 1.0
+        assert ones.sum() == side * side, window
+        assert ones[6 - side // 2: 6 + side // 2 + 1, 6 - side // 2: 6 + side // 2 + 1].all()
+    codec = PINetTargetCodec(TINY, (13, 13), sigma=1.0, window_sigmas=1.0)
+    assert (codec.encode(kp, [100.0])["heatmap_mask"][0] == 1.0).sum() == 9
+    with pytest.raises(ValueError, match="window_sigmas"):
+        PINetTargetCodec(TINY, (13, 13), window_sigmas=0.0)

@@ -101,6 +101,7 @@ class PINetDataModule(pl.LightningDataModule):
         self.input_size = int(input_size)
         self.output_stride = int(output_stride)
         self.targets = {"sigma": 2.0, "radius": 2, "bg_weight": 0.1, "min_part_area": 0.0,
+                        "window_sigmas": 3.0, "part_center_in_map": False,
                         **dict(targets or {})}  # fmt: skip
         self.augmentation = {"max_rotation": 30.0, "min_scale": 0.75, "max_scale": 1.5,
                              "max_translate": 40.0, "flip_prob": 0.5,

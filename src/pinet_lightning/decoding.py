@@ -71,8 +71,9 @@ class DecodeConfig:
         oks_threshold: pose fusion's OKS threshold.
         scales: input scales (multi-scale test); ``(1.0,)`` is single scale.
         refine: apply the Pose Refinement network to the coarse poses.
-        nms_large_size, nms_medium_size: max-pool kernel 7 when the mean of the map's height
-            and width is over ``nms_large_size``, 5 over ``nms_medium_size``, else 3.
+        nms_large_size, nms_medium_size, nms_kernels: max-pool kernel ``nms_kernels[0]`` (7)
+            when the mean of the map's height and width is over ``nms_large_size``,
+            ``nms_kernels[1]`` (5) over ``nms_medium_size``, else ``nms_kernels[2]`` (3).
         output_stride: network input pixels per output cell.
         cell_offset: input pixel of cell 0's center (see the module docstring).
         scale_multiple: multi-scale inputs have sides rounded to this multiple.
@@ -87,6 +88,7 @@ class DecodeConfig:
     refine: bool = True
     nms_large_size: float = 300.0
     nms_medium_size: float = 200.0
+    nms_kernels: tuple[int, int, int] = (7, 5, 3)
     output_stride: int = 4
     cell_offset: float = 1.5
     scale_multiple: int = 64
@@ -94,6 +96,10 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
+        self.nms_kernels = tuple(int(k) for k in self.nms_kernels)
+        if len(self.nms_kernels) != 3 or any(k < 1 or k % 2 == 0 for k in self.nms_kernels):
+            raise ValueError("DecodeConfig.nms_kernels must be three odd sizes (large, medium, "
+                             f"small map), got {self.nms_kernels}")
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"DecodeConfig.scales must be positive numbers, got {self.scales}")
         if self.top_k < 1:
@@ -121,18 +127,20 @@ class DecodeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scales"] = list(self.scales)
+        d["nms_kernels"] = list(self.nms_kernels)
         return d
 
 
 def nms_kernel_size(height: int, width: int, cfg: DecodeConfig | None = None) -> int:
     """Max-pool kernel for peak finding: 7 / 5 / 3 by the map's mean side (SPEC 5.3)."""
     cfg = cfg or DecodeConfig()
+    large, medium, small = cfg.nms_kernels
     mean_side = (height + width) / 2
     if mean_side > cfg.nms_large_size:
-        return 7
+        return large
     if mean_side > cfg.nms_medium_size:
-        return 5
-    return 3
+        return medium
+    return small
 
 
 def find_peaks(part_heatmaps: Tensor, top_k: int = 30, score_threshold: float = 0.01,

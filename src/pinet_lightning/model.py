@@ -33,13 +33,15 @@ class PINet(nn.Module):
         feature_channels: if set, a 1x1 conv + BN + ReLU projects the concatenated backbone
             features to this width before the heads and PR (None: use them as they are,
             SPEC).
+        head_init_std: the PPG convolutions start normal(0, this) with zero biases (SPEC 3).
     """
 
     def __init__(self, layout: Layout | str | Mapping[str, Any], backbone: str = "hrnet_w32",
                  pretrained: str | None = None, refine_layers: int = 3,
-                 feature_channels: int | None = None) -> None:
+                 feature_channels: int | None = None, head_init_std: float = 0.001) -> None:
         super().__init__()
         self.layout = get_layout(layout)
+        self.head_init_std = head_init_std
         self.backbone_name = backbone
         self.refine_layers = refine_layers
         self.feature_channels = feature_channels
@@ -54,7 +56,7 @@ class PINet(nn.Module):
             self.neck = nn.Identity()
         self.out_channels = channels
         k, p = self.layout.num_keypoints, self.layout.num_parts
-        self.heads = PPGHeads(channels, k, p)
+        self.heads = PPGHeads(channels, k, p, init_std=head_init_std)
         self.pose_refinement = PoseRefinement(channels, self.layout, num_layers=refine_layers)
         # Normalization of 0..255 input, kept out of the state dict.
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
@@ -68,7 +70,7 @@ class PINet(nn.Module):
         travel in the state dict."""
         return {"layout": self.layout.to_dict(), "backbone": self.backbone_name,
                 "pretrained": None, "refine_layers": self.refine_layers,
-                "feature_channels": self.feature_channels}
+                "feature_channels": self.feature_channels, "head_init_std": self.head_init_std}
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 or float 0..255 (B, 3, H, W) -> ImageNet-normalized float."""

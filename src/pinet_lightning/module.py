@@ -59,7 +59,8 @@ from pinet_lightning.model import PINet
 __all__ = ["PINetModule", "merge_gathered_results", "resolve_switch"]
 
 NETWORK_DEFAULTS: dict[str, Any] = {"backbone": "hrnet_w32", "pretrained": None,
-                                    "refine_layers": 3, "feature_channels": None}
+                                    "refine_layers": 3, "feature_channels": None,
+                                    "head_init_std": 0.001}
 LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
                                  "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40}
 OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}

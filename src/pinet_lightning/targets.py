@@ -7,16 +7,17 @@ open, fixed here and tested in tests/test_targets.py:
 - A keypoint counts when ``v > 0`` and it lies inside the map, ``0 <= x < W`` and
   ``0 <= y < H`` (NaN coordinates never count).
 - Gaussian window: the cells ``(i, j)`` with ``|i - x| <= 3 sigma`` and ``|j - y| <= 3 sigma``
-  (a square of at most ``floor(6 sigma) + 1`` cells a side, 13 for sigma 2), clipped to the
+  (``window_sigmas`` = 3; a square of at most ``floor(6 sigma) + 1`` cells a side, 13 for
+  sigma 2), clipped to the
   map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))`` at the exact
   sub-cell point; people combine by maximum. The loss mask is 1 on the union of windows.
-- Part center: mean of the part's keypoints that count (``v > 0`` *and* inside the map).
-  Keypoints outside the map have no heatmap and no offset target, so they should not move
-  the center either: a center built from them can leave the map (and then the part writes
-  nothing at all although some of its keypoints are visible) or sit far from what the
-  network sees. The mean of in-map points is always in the map. ``part_center_in_map=False``
-  uses every ``v > 0`` keypoint like the published code; a center then outside the map
-  writes no Gaussian and no offsets.
+- Part center (default, SPEC 2.2 and the published code): mean of the part's keypoints with
+  ``v > 0``, in the map or not; a center outside the map writes no Gaussian and no offsets.
+  ``part_center_in_map=True`` (data.targets.part_center_in_map) averages the keypoints that
+  count (``v > 0`` *and* inside the map) instead: keypoints outside the map have no heatmap
+  and no offset target, and a center built from them can leave the map (then the part
+  writes nothing although some of its keypoints are visible) or sit far from what the
+  network sees; the mean of in-map points is always in the map.
 - Offsets: for a center ``(cx, cy)`` the cells ``floor(cx) - r <= i < floor(cx) + r``,
   ``floor(cy) - r <= j < floor(cy) + r`` (``int`` of the SPEC; equal for in-map centers),
   clipped. Where several people claim one cell and channel the smaller box area keeps it;
@@ -158,6 +159,7 @@ def _draw_gaussians(
     sigma: float,
     height: int,
     width: int,
+    window_sigmas: float = 3.0,
 ) -> None:
     """Max-combine the Gaussians of all points into ``heat`` and set ``window`` to 1 on
     their windows, in place. ``heat``/``window`` are flat float32 (C * H * W + 1,) buffers
@@ -165,7 +167,7 @@ def _draw_gaussians(
     if not len(xy):
         return
     dump = heat.size - 1
-    reach = 3.0 * sigma
+    reach = window_sigmas * sigma
     size = int(np.floor(2.0 * reach)) + 1  # most cells a window spans along one axis
     start = np.ceil(xy - reach).astype(np.intp)  # (M, 2) first cell of the window
     stop = np.floor(xy + reach).astype(np.intp)  # (M, 2) last cell (inclusive)
@@ -192,8 +194,9 @@ def encode_targets(
     bg_weight: float = 0.1,
     ignore_mask: np.ndarray | None = None,
     min_part_area: float = 0.0,
-    part_center_in_map: bool = True,
+    part_center_in_map: bool = False,
     offsets_format: str = "dense",
+    window_sigmas: float = 3.0,
 ) -> dict[str, np.ndarray]:
     """Build PINet's training targets for one sample (SPEC 2).
 
@@ -208,12 +211,14 @@ def encode_targets(
         bg_weight: heatmap-loss weight outside every Gaussian window.
         ignore_mask: (H, W), 0 where the heatmap losses ignore the image (crowd regions).
         min_part_area: people with a smaller box area get no part centers (COCO: 32**2).
-        part_center_in_map: centers from in-map keypoints only (see the module docstring).
+        part_center_in_map: centers from in-map keypoints only (see the module docstring;
+            False, the SPEC: every ``v > 0`` keypoint of the part).
         offsets_format: ``"dense"`` (the contract) or ``"omega"``: instead of ``offsets``
             and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
             into the flattened (P*K, H, W) (channel pair ``p * K + k``, row, column),
             ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,) float32,
             about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
+        window_sigmas: half-width of the Gaussian windows in sigmas (SPEC: about 3).
 
     Returns:
         float32 ``heatmaps`` (K,H,W), ``heatmap_mask`` (K,H,W), ``part_heatmaps`` (P,H,W),
@@ -224,6 +229,8 @@ def encode_targets(
     layout = get_layout(layout)
     if not sigma > 0:
         raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
+    if not window_sigmas > 0:
+        raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
     if int(radius) != radius or radius < 1:
         raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
     radius = int(radius)
@@ -247,7 +254,8 @@ def encode_targets(
     heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
     loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
     xy = np.concatenate([kp[vn, vk, :2], center_xy])
-    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp]), sigma, height, width)
+    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp]), sigma, height, width,
+                    window_sigmas)
     heat = heat[:-1].reshape(k + p, height, width)
     loss_mask = loss_mask[:-1].reshape(k + p, height, width)
     if mask is not None:
@@ -351,8 +359,9 @@ class PINetTargetCodec:
     radius: int = 2
     bg_weight: float = 0.1
     min_part_area: float = 0.0
-    part_center_in_map: bool = True
+    part_center_in_map: bool = False
     offsets_format: str = "dense"
+    window_sigmas: float = 3.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", get_layout(self.layout))
@@ -367,6 +376,9 @@ class PINetTargetCodec:
             raise ValueError(f"{_WHERE}: radius must be a positive integer, got {self.radius}")
         if not 0.0 <= self.bg_weight <= 1.0:
             raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {self.bg_weight}")
+        if not self.window_sigmas > 0:
+            raise ValueError(f"{_WHERE}: window_sigmas must be positive, got "
+                             f"{self.window_sigmas}")
         if self.offsets_format not in ("dense", "omega"):
             raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
                              f"got {self.offsets_format!r}")  # fmt: skip
@@ -387,4 +399,5 @@ class PINetTargetCodec:
             min_part_area=self.min_part_area,
             part_center_in_map=self.part_center_in_map,
             offsets_format=self.offsets_format,
+            window_sigmas=self.window_sigmas,
         )
