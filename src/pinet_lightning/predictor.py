@@ -24,7 +24,7 @@ from pinet_lightning.datasets import read_image
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.layouts import Layout, get_layout
 
-__all__ = ["Person", "Predictor", "load_image", "trained_input_size"]
+__all__ = ["Person", "Predictor", "load_image", "trained_input_size", "run_config_file"]
 
 ImageInput = np.ndarray | str | Path
 
@@ -42,11 +42,20 @@ class Person:
 load_image = read_image
 
 
+def run_config_file(path: str | Path) -> Path | None:
+    """The ``config.yaml`` of the training run a checkpoint belongs to: pinet-train writes
+    checkpoints to ``<run>/checkpoints/``; a config beside the file also counts."""
+    path = Path(path).resolve()
+    for folder in (path.parent.parent, path.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
 def trained_input_size(path: str | Path, blob: Mapping[str, Any] | None = None) -> int | None:
     """The input size a checkpoint's network was trained at: ``extra["input_size"]`` of a
-    ``save_model`` file, else ``data.input_size`` of the run's ``config.yaml`` (pinet-train
-    writes checkpoints to ``<run>/checkpoints/``; a config beside the file also counts); None
-    when neither says.
+    ``save_model`` file, else ``data.input_size`` of the run's config (:func:`run_config_file`);
+    None when neither says.
 
     A network run at another scale than it was trained at finds people of the wrong size.
     """
@@ -56,14 +65,13 @@ def trained_input_size(path: str | Path, blob: Mapping[str, Any] | None = None) 
     size = (blob.get("extra") or {}).get("input_size") if isinstance(blob, Mapping) else None
     if size:
         return int(size)
+    config = run_config_file(path)
+    if config is None:
+        return None
     from omegaconf import OmegaConf
 
-    for folder in (path.resolve().parent.parent, path.resolve().parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            size = OmegaConf.select(OmegaConf.load(config), "data.input_size", default=None)
-            return int(size) if size else None
-    return None
+    size = OmegaConf.select(OmegaConf.load(config), "data.input_size", default=None)
+    return int(size) if size else None
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -117,7 +125,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
                         input_size: int | None = None, min_score: float = 0.0,
-                        **decode_overrides: Any) -> Predictor:
+                        batch_size: int = 8, **decode_overrides: Any) -> Predictor:
         """Load a Lightning checkpoint of ``PINetModule`` or a ``model.save_model`` file.
 
         The network is rebuilt from the checkpoint's hyper-parameters (``layout``,
@@ -167,7 +175,8 @@ class Predictor:
         if input_size is None:
             input_size = trained_input_size(path, blob) or 512
         return cls(net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
-                   input_size=input_size, device=device, min_score=min_score)
+                   input_size=input_size, device=device, min_score=min_score,
+                   batch_size=batch_size)
 
     def __call__(self, image_or_batch: ImageInput | Sequence[ImageInput]
                  ) -> list[Person] | list[list[Person]]:

@@ -27,13 +27,14 @@ __all__ = [
     "instantiate_group",
     "resolve_ckpt_path",
     "format_metrics",
+    "print_table",
+    "markdown_table",
     "print_metric_table",
     "rich_console",
     "write_metrics",
     "to_plain",
     "run_config_for",
     "load_inference_net",
-    "training_input_size",
 ]
 
 log = logging.getLogger("pinet_lightning")
@@ -236,22 +237,32 @@ def rich_console() -> Any:
     return console
 
 
-def print_metric_table(metrics: Mapping[str, float], title: str = "metrics") -> str:
-    """Print the AP/AR metrics as a rich table; returns the table as markdown text."""
-    columns, rows = metric_table_rows(metrics)
-    if not rows:
-        return ""
+def print_table(title: str, columns: list[str], rows: list[list[str]],
+                label_columns: int = 1) -> str:
+    """Print a rich table (the first ``label_columns`` left-aligned, numbers right-aligned);
+    returns it as markdown text."""
     from rich.table import Table
 
     table = Table(title=title)
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        table.add_column(col, justify="left" if i < label_columns else "right")
     for row in rows:
         table.add_row(*row)
     rich_console().print(table)
+    return markdown_table(columns, rows)
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """The same table as markdown text."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def print_metric_table(metrics: Mapping[str, float], title: str = "metrics") -> str:
+    """Print the AP/AR metrics as a rich table; returns the table as markdown text."""
+    columns, rows = metric_table_rows(metrics)
+    return print_table(title, columns, rows) if rows else ""
 
 
 def write_metrics(path: Path, metrics: Mapping[str, Any]) -> Path:
@@ -262,32 +273,21 @@ def write_metrics(path: Path, metrics: Mapping[str, Any]) -> Path:
 
 def run_config_for(ckpt_path: str | Path) -> DictConfig | None:
     """The resolved ``config.yaml`` of the training run a checkpoint / model file belongs to
-    (``<run>/checkpoints/<file>``), or None."""
-    path = Path(ckpt_path).resolve()
-    for folder in (path.parent.parent, path.parent):
-        candidate = folder / "config.yaml"
-        if candidate.is_file():
-            cfg = OmegaConf.load(candidate)
-            if isinstance(cfg, DictConfig):
-                return cfg
-    return None
+    (:func:`pinet_lightning.predictor.run_config_file`), or None."""
+    from pinet_lightning.predictor import run_config_file
+
+    path = run_config_file(ckpt_path)
+    cfg = OmegaConf.load(path) if path is not None else None
+    return cfg if isinstance(cfg, DictConfig) else None
 
 
-def load_inference_net(ckpt_path: str | Path) -> Any:
-    """A :class:`~pinet_lightning.predictor.Predictor` (network on CPU) from a Lightning
-    checkpoint or a ``save_model`` file."""
+def load_inference_net(ckpt_path: str | Path, **options: Any) -> Any:
+    """A :class:`~pinet_lightning.predictor.Predictor` from a Lightning checkpoint or a
+    ``save_model`` file; ``options`` go to ``Predictor.from_checkpoint`` (default: CPU)."""
     from pinet_lightning.predictor import Predictor
 
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; pass a .ckpt written by "
                                 "pinet-train or a checkpoints/model.pt")
-    return Predictor.from_checkpoint(path, device="cpu")
-
-
-def training_input_size(ckpt_path: str | Path) -> int | None:
-    """The ``data.input_size`` the checkpoint was trained with, None when unknown
-    (:func:`pinet_lightning.predictor.trained_input_size`)."""
-    from pinet_lightning.predictor import trained_input_size
-
-    return trained_input_size(Path(str(ckpt_path)))
+    return Predictor.from_checkpoint(path, **{"device": "cpu", **options})

@@ -111,8 +111,6 @@ class ConfigScriptLauncher(_SubprocessScriptLauncher):
             child_env = os.environ.copy()
             child_env["LOCAL_RANK"] = str(local_rank)
             child_env[CHILD_ENV] = "1"
-            if os.environ.get("PL_GLOBAL_SEED") is None:
-                child_env.pop("PL_GLOBAL_SEED", None)
             log.info("starting local rank %d: %s", local_rank, " ".join(command))
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=os.getcwd()))
 
@@ -124,21 +122,24 @@ class HydraDDPStrategy(DDPStrategy):
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if type(self._launcher) is _SubprocessScriptLauncher:
-            self._launcher = ConfigScriptLauncher(self.cluster_environment, self.num_processes,
-                                                  self.num_nodes)
+        _swap_launcher(self)
+
+
+def _swap_launcher(strategy: Any) -> bool:
+    """Replace the strategy's plain subprocess launcher by a :class:`ConfigScriptLauncher`
+    (any other launcher is left alone). Returns True if swapped."""
+    launcher = getattr(strategy, "_launcher", None)
+    if type(launcher) is not _SubprocessScriptLauncher:
+        return False
+    strategy._launcher = ConfigScriptLauncher(launcher.cluster_environment,
+                                              launcher.num_processes, launcher.num_nodes)
+    return True
 
 
 def install_launcher(trainer: Any) -> bool:
     """Give a trainer using Lightning's plain subprocess launcher (``strategy=ddp``, or
     ``auto`` on several GPUs) a :class:`ConfigScriptLauncher`. Returns True if swapped."""
-    strategy = trainer.strategy
-    launcher = getattr(strategy, "_launcher", None)
-    if type(launcher) is _SubprocessScriptLauncher:
-        strategy._launcher = ConfigScriptLauncher(launcher.cluster_environment,
-                                                  launcher.num_processes, launcher.num_nodes)
-        return True
-    return False
+    return _swap_launcher(trainer.strategy)
 
 
 @contextlib.contextmanager

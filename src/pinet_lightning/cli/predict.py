@@ -29,7 +29,6 @@ from pinet_lightning.cli.common import (
     save_config,
     setup_threads,
     to_plain,
-    training_input_size,
 )
 
 __all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
@@ -83,7 +82,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the predictor over ``cfg.input``; returns a summary (counts and paths)."""
     import cv2
 
-    from pinet_lightning.decoding import DecodeConfig
     from pinet_lightning.visualize import draw_poses, save_image
 
     setup_threads(cfg)
@@ -99,15 +97,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "predict_config.yaml")
 
-    input_size = cfg.get("input_size") or training_input_size(cfg.ckpt_path) or 512
-    predictor = load_inference_net(cfg.ckpt_path)
-    from pinet_lightning.predictor import Predictor
-
-    predictor = Predictor(predictor.net, layout=predictor.layout,
-                          decode_cfg=DecodeConfig.from_any(to_plain(cfg.decode)),
-                          input_size=int(input_size), device=str(cfg.get("device", "auto")),
-                          batch_size=int(cfg.get("batch_size", 1)))
-    log.info("predicting on %s with input size %d on %s", source, input_size, predictor.device)
+    # input_size null: the size the network was trained at (model.pt or the run's config)
+    predictor = load_inference_net(cfg.ckpt_path, device=str(cfg.get("device", "auto")),
+                                   input_size=cfg.get("input_size"),
+                                   batch_size=int(cfg.get("batch_size", 1)),
+                                   **to_plain(cfg.decode))
+    log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
+             predictor.device)
 
     items = _video_items(source, cfg.get("max_frames")) if is_video else _image_items(source)
     drawn_dir = out_dir / ("frames" if is_video else "images")

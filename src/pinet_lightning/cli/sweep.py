@@ -13,6 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pinet_lightning.cli.common import markdown_table
+from pinet_lightning.cli.common import print_table as show_table
+
 __all__ = ["SweepSummary", "collect_jobs", "summarize_sweep"]
 
 log = logging.getLogger(__name__)
@@ -92,20 +95,10 @@ def summarize_sweep(sweep_dir: str | Path, metrics_file: str = "metrics.json",
     header = ["job", "overrides", *shown]
     rows = [[job["job"], " ".join(o for o in job["overrides"] if o not in common) or "-",
              *[_cell(job["metrics"].get(c)) for c in shown]] for job in jobs]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n" + "\n".join(md) + "\n")
+    md = markdown_table(header, rows)
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n" + md + "\n")
     if print_table:
-        from rich.table import Table
-
-        from pinet_lightning.cli.common import rich_console
-
-        table = Table(title=f"sweep summary ({sweep_dir})")
-        for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i < 2 else "right")
-        for row in rows:
-            table.add_row(*row)
-        rich_console().print(table)
+        show_table(f"sweep summary ({sweep_dir})", header, rows, label_columns=2)
     return jobs
 
 
