@@ -15,6 +15,8 @@ eval collate stacks images of one size; when sizes differ it raises (use
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +26,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from pinet_lightning.augmentation import TrainAugmentation
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.layouts import get_layout
+from pinet_lightning.targets import PINetTargetCodec
 
 __all__ = ["PINetDataModule", "train_collate", "eval_collate", "SYNTHETIC_DEFAULTS"]
 
@@ -38,6 +42,14 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "max_people": 8,
     "overlap": 0.5,
     "seed": 0,
+}
+_TARGET_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(PINetTargetCodec)
+    if f.name not in ("layout", "output_size", "offsets_format")
+}
+_AUGMENTATION_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(TrainAugmentation).parameters.items()
+    if name not in ("flip_index", "input_size", "seed")
 }
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 
@@ -100,12 +112,9 @@ class PINetDataModule(pl.LightningDataModule):
         self.protocol = protocol
         self.input_size = int(input_size)
         self.output_stride = int(output_stride)
-        self.targets = {"sigma": 2.0, "radius": 2, "bg_weight": 0.1, "min_part_area": 0.0,
-                        "window_sigmas": 3.0, "part_center_in_map": False,
-                        **dict(targets or {})}  # fmt: skip
-        self.augmentation = {"max_rotation": 30.0, "min_scale": 0.75, "max_scale": 1.5,
-                             "max_translate": 40.0, "flip_prob": 0.5,
-                             **dict(augmentation or {})}  # fmt: skip
+        # the effective settings: the codec's / augmentation's own defaults, then the overrides
+        self.targets = {**_TARGET_DEFAULTS, **dict(targets or {})}
+        self.augmentation = {**_AUGMENTATION_DEFAULTS, **dict(augmentation or {})}
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)

@@ -41,6 +41,7 @@ Gotchas (read before changing):
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ from pinet_lightning.model import PINet
 
 __all__ = ["PINetModule", "merge_gathered_results", "resolve_switch"]
 
-NETWORK_DEFAULTS: dict[str, Any] = {"backbone": "hrnet_w32", "pretrained": None,
-                                    "refine_layers": 3, "feature_channels": None,
-                                    "head_init_std": 0.001}
+# PINet's keyword arguments and their defaults, read off its signature so the two never drift
+NETWORK_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(PINet).parameters.items()
+    if name != "layout"
+}
 LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
                                  "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40}
 OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
