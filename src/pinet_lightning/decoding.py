@@ -43,6 +43,7 @@ from torch import Tensor
 
 from pinet_lightning.fusion import pose_fusion
 from pinet_lightning.layouts import Layout, get_layout
+from pinet_lightning.refinement import bilinear_corners
 
 __all__ = [
     "DecodeConfig",
@@ -183,17 +184,10 @@ def sample_maps(maps: Tensor, points: Tensor, channels: Tensor) -> Tensor:
     m = points.shape[1]
     flat = maps.reshape(b, c * h * w)
     channels = channels.expand(b, m) if channels.dim() == 1 else channels
-    x, y = points[..., 0].float(), points[..., 1].float()
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
+    cells, weights = bilinear_corners(points, h, w)  # (4, B, M) each
     out = torch.zeros((b, m), dtype=torch.float32, device=maps.device)
-    for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        index = channels * (h * w) + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
-        out = out + flat.gather(1, index).float() * weight * inside
+    for cell, weight in zip(cells, weights, strict=True):
+        out = out + flat.gather(1, channels * (h * w) + cell).float() * weight
     return out
 
 

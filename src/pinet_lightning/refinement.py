@@ -43,6 +43,27 @@ def normalized_adjacency(adjacency: np.ndarray | Tensor) -> Tensor:
     return d[:, None] * a * d[None, :]
 
 
+def bilinear_corners(points: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The four bilinear corners of ``points`` (*S, 2) (x, y), pixel centers at integers, in
+    the order (0,0), (1,0), (0,1), (1,1): their flat cells ``y * width + x`` (4, *S), clamped
+    into the map, and their weights (4, *S) float32, 0 for corners outside the map."""
+    pts = points.float()
+    x0 = pts[..., 0].floor()
+    y0 = pts[..., 1].floor()
+    fx = pts[..., 0] - x0
+    fy = pts[..., 1] - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    # Corner c is (x0 + c % 2, y0 + c // 2); arange, not a host list: no host->device copy.
+    corner = torch.arange(4, device=pts.device).view(4, *([1] * (pts.dim() - 1)))
+    xi = x0[None] + corner % 2  # (4, *S)
+    yi = y0[None] + corner // 2
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    cell = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
+    return cell, weight * inside
+
+
 def _bilinear_gather(features: Tensor, points: Tensor, batch_index: Tensor) -> Tensor:
     """Bilinear samples of ``features`` (B, C, h, w) at ``points`` (*S, 2) (x, y) in cells of
     images ``batch_index`` (*S,) -> (*S, C); zero outside the map (pixel-center convention).
@@ -58,21 +79,9 @@ def _bilinear_gather(features: Tensor, points: Tensor, batch_index: Tensor) -> T
     shape = points.shape[:-1]
     # A free view for channels-last maps (the usual training layout), one copy otherwise.
     flat = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
-    pts = points.detach().float()
-    x0 = pts[..., 0].floor()
-    y0 = pts[..., 1].floor()
-    fx = pts[..., 0] - x0
-    fy = pts[..., 1] - y0
-    x0 = x0.long()
-    y0 = y0.long()
-    # Corner c is (x0 + c % 2, y0 + c // 2); arange, not a host list: no host->device copy.
-    corner = torch.arange(4, device=pts.device).view(4, *([1] * len(shape)))
-    xi = x0[None] + corner % 2  # (4, *S)
-    yi = y0[None] + corner // 2
-    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-    weight = (weight * inside).to(features.dtype)
-    index = (batch_index.long() * (h * w))[None] + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
+    cell, weight = bilinear_corners(points.detach(), h, w)
+    weight = weight.to(features.dtype)
+    index = (batch_index.long() * (h * w))[None] + cell
     # unbind, not corners[i]: the backward of unbind stacks the four gradients once, that
     # of indexing would zero-fill a (4, *S, C) gradient per corner.
     c0, c1, c2, c3 = flat[index.reshape(-1)].view(4, *shape, c).unbind(0)
