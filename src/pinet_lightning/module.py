@@ -179,23 +179,12 @@ class PINetModule(pl.LightningModule):
         self.layout = get_layout(layout)
         self.net = PINet(self.layout, **network)
         self.criterion = PINetLoss(**loss)
-        self.decode_cfg = self._decode_config(decode)
+        self.decode_cfg = DecodeConfig.from_any(decode)  # unknown fields: a ValueError
         self._channels_last = False
         self._compiled = False
         self._eval_results: dict[int, list[dict]] = {}
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _decode_config(decode: Mapping[str, Any]) -> DecodeConfig:
-        fields = dict(decode)
-        if "scales" in fields:
-            fields["scales"] = tuple(float(s) for s in fields["scales"])
-        try:
-            return DecodeConfig(**fields)
-        except TypeError as err:
-            raise ValueError(f"module.py: bad decode config {fields}: {err}; see DecodeConfig "
-                             "in decoding.py for the field names") from None
-
     def _target_device(self) -> torch.device:
         trainer = self._trainer
         if trainer is not None:

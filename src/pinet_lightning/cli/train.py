@@ -73,10 +73,6 @@ def _check_required(cfg: DictConfig) -> None:
                          "data.train.annotations=<COCO json> (see conf/data/custom.yaml)")
 
 
-def _checkpoint_callback(trainer: pl.Trainer) -> Any:
-    return getattr(trainer, "checkpoint_callback", None)
-
-
 def _enlarge(image: Any, poses: Any, min_side: int) -> tuple[Any, Any]:
     """Small images (synthetic ones) scaled up by an integer factor so that the drawn
     skeletons stay legible; pose pixels follow (pixel-center convention)."""
@@ -125,8 +121,7 @@ def _save_outputs(cfg: DictConfig, model: Any, datamodule: Any, out_dir: Path,
 
     if cfg.get("save_model", True):
         path = out_dir / "checkpoints" / "model.pt"
-        extra = {"decode": model.decode_cfg.to_dict() if hasattr(model.decode_cfg, "to_dict")
-                 else dict(model.hparams.get("decode", {})),
+        extra = {"decode": model.decode_cfg.to_dict(),
                  "protocol": getattr(datamodule, "protocol", None),
                  "input_size": getattr(datamodule, "input_size", None),
                  "checkpoint": best, "metrics": format_metrics(metrics)}
@@ -192,7 +187,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(format_metrics(trainer.callback_metrics))
     # read before testing: trainer.test(ckpt_path=best) restores the callback's older state
     progress = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
-    ckpt_cb = _checkpoint_callback(trainer)
+    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
     best = getattr(ckpt_cb, "best_model_path", "") or None
     last = getattr(ckpt_cb, "last_model_path", "") or None
     if not cfg.get("train", True) and ckpt_path is not None:
