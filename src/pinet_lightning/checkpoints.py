@@ -47,9 +47,12 @@ def load_file(path: str | Path, trust_checkpoint: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        # torch names the Python object (a "GLOBAL") the safe unpickler refused; any other
+        # unpickling error is a damaged file
+        if "GLOBAL" not in str(err):
             raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file "
-                                  f"({err}); re-download or re-save it") from None
+                                  "(unreadable pickle data); re-download or re-save it"
+                                  ) from None
         if not trust_checkpoint:
             raise CheckpointError(
                 f"checkpoint '{path}' holds Python objects, and loading them can run code. "
