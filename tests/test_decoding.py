@@ -17,6 +17,7 @@ from pinet_lightning.decoding import (
     predict_poses,
     sample_maps,
 )
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.layouts import get_layout
 
 LAYOUT = get_layout("crowdpose")
@@ -64,19 +65,21 @@ class OracleNet(nn.Module):
     correction and records its calls."""
 
     def __init__(self, people: np.ndarray, base_size: tuple[int, int],
-                 correction: float = 0.0) -> None:
+                 correction: float = 0.0, convention: str = "cell_center") -> None:
         super().__init__()
         self.people = people  # (N, K, 3) in base input pixels
         self.base_h, self.base_w = base_size
         self.correction = correction
         self.refine_calls: list[tuple] = []
         self.layout = LAYOUT
+        self.drawn_with = self.convention = get_convention(convention)  # decoding reads
+        self.output_stride = STRIDE                                       # .convention
 
     def _targets(self, people: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
         from pinet_lightning.targets import encode_targets
 
         cells = people.copy()
-        cells[..., :2] = _to_cells(cells[..., :2])
+        cells[..., :2] = self.drawn_with.input_to_cell(cells[..., :2], STRIDE)
         ext = people[..., :2].max(1) - people[..., :2].min(1)
         return encode_targets(cells, ext[:, 0] * ext[:, 1], LAYOUT, (h // STRIDE, w // STRIDE))
 
@@ -87,8 +90,9 @@ class OracleNet(nn.Module):
         people[..., 0] = (people[..., 0] + 0.5) * sx - 0.5
         people[..., 1] = (people[..., 1] + 0.5) * sy - 0.5
         maps = [self._targets(people, h, w)]
-        if n == 2:
-            maps.append(self._targets(_mirror_input(people, w), h, w))
+        if n == 2:  # the published mirror is shifted stride - 1 px left
+            shift = STRIDE - 1 if self.drawn_with.name == "published" else 0
+            maps.append(self._targets(_mirror_input(people, w - shift), h, w))
         out = {key: torch.from_numpy(np.stack([m[key] for m in maps]))
                for key in ("heatmaps", "part_heatmaps", "offsets")}
         out["features"] = torch.zeros(n, 2, h // STRIDE, w // STRIDE)
@@ -211,6 +215,24 @@ def test_predict_poses_round_trip_in_original_pixels(flip_test):
     if flip_test:  # the mirrored branch refines the mirrored cells
         assert torch.equal(cells[n:, 0], 63 - cells[:n, 0])
         assert torch.equal(cells[n:, 1], cells[:n, 1])
+
+
+def test_published_convention_round_trip():
+    """Targets drawn with the published mapping (input px = 4 x cell, mirror shifted 3 px)
+    decode back to the people exactly with the published convention, and 1.5 px off with
+    ours."""
+    people = _crowd()
+    back = torch.tensor([[[2.0, 0.0, 3.0], [0.0, 2.0, -1.0]]])
+    gt = people[..., :2] * 2.0 + [3.0, -1.0]
+    published = OracleNet(people, (256, 256), convention="published")
+    (poses, _), = predict_poses(published, torch.zeros(1, 3, 256, 256), LAYOUT, back)
+    dist, who = _match(poses.numpy(), gt)
+    assert sorted(who.tolist()) == list(range(len(people)))
+    assert dist.max() < 1e-2
+    published.convention = get_convention("cell_center")  # decoded with the wrong convention
+    (wrong, _), = predict_poses(published, torch.zeros(1, 3, 256, 256), LAYOUT, back)
+    dist, _ = _match(wrong.numpy(), gt)
+    assert dist.min() > 2.0  # 1.5 input px = 3 original px off, at least
 
 
 def test_refined_pose_is_coarse_minus_correction_and_mirrored_back():
