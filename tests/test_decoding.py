@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.decoding import (
     DecodeConfig,
     cells_to_image,
@@ -17,7 +18,6 @@ from pinet_lightning.decoding import (
     predict_poses,
     sample_maps,
 )
-from pinet_lightning.conventions import get_convention
 from pinet_lightning.layouts import get_layout
 
 LAYOUT = get_layout("crowdpose")
