@@ -39,6 +39,7 @@ class PlantedPeaks(nn.Module):
         super().__init__()
         self.net = net
         self.layout = net.layout
+        self.convention, self.output_stride = net.convention, net.output_stride
         self.per_part = per_part
         self.spacing = spacing
         self._planted: dict[tuple, Tensor] = {}
@@ -142,16 +143,18 @@ def main() -> None:
 
     def decode_only() -> None:
         with torch.inference_mode(), amp():
-            out = decode_outputs(outputs, net.layout, cfg, refine_fn=wrapped.refine)
+            out = decode_outputs(outputs, net.layout, cfg, refine_fn=wrapped.refine,
+                                 convention=net.convention, stride=net.output_stride)
             out["valid"].sum().item()  # the one sync before fusion
 
     with torch.inference_mode():
-        decoded = decode_outputs(outputs, net.layout, cfg, refine_fn=wrapped.refine)
+        decoded = decode_outputs(outputs, net.layout, cfg, refine_fn=wrapped.refine,
+                                 convention=net.convention, stride=net.output_stride)
     eye = torch.eye(2, 3, device=device).expand(args.batch_size, 2, 3)
-    in_pixels = cells_to_image(decoded["poses"], eye, cfg)
+    in_pixels = cells_to_image(decoded["poses"], eye, net.convention, net.output_stride)
 
     def fusion_only() -> None:
-        fuse_batch(in_pixels, decoded["scores"], decoded["valid"], net.layout.sigmas, cfg)
+        fuse_batch(in_pixels, decoded["valid"], net.layout.sigmas, cfg)
 
     def end_to_end() -> None:
         predictor.predict(images)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.decoding import (
     DecodeConfig,
     cells_to_image,
@@ -64,19 +65,21 @@ class OracleNet(nn.Module):
     correction and records its calls."""
 
     def __init__(self, people: np.ndarray, base_size: tuple[int, int],
-                 correction: float = 0.0) -> None:
+                 correction: float = 0.0, convention: str = "cell_center") -> None:
         super().__init__()
         self.people = people  # (N, K, 3) in base input pixels
         self.base_h, self.base_w = base_size
         self.correction = correction
         self.refine_calls: list[tuple] = []
         self.layout = LAYOUT
+        self.drawn_with = self.convention = get_convention(convention)  # decoding reads
+        self.output_stride = STRIDE                                       # .convention
 
     def _targets(self, people: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
         from pinet_lightning.targets import encode_targets
 
         cells = people.copy()
-        cells[..., :2] = _to_cells(cells[..., :2])
+        cells[..., :2] = self.drawn_with.input_to_cell(cells[..., :2], STRIDE)
         ext = people[..., :2].max(1) - people[..., :2].min(1)
         return encode_targets(cells, ext[:, 0] * ext[:, 1], LAYOUT, (h // STRIDE, w // STRIDE))
 
@@ -87,8 +90,9 @@ class OracleNet(nn.Module):
         people[..., 0] = (people[..., 0] + 0.5) * sx - 0.5
         people[..., 1] = (people[..., 1] + 0.5) * sy - 0.5
         maps = [self._targets(people, h, w)]
-        if n == 2:
-            maps.append(self._targets(_mirror_input(people, w), h, w))
+        if n == 2:  # the published mirror is shifted stride - 1 px left
+            shift = STRIDE - 1 if self.drawn_with.name == "published" else 0
+            maps.append(self._targets(_mirror_input(people, w - shift), h, w))
         out = {key: torch.from_numpy(np.stack([m[key] for m in maps]))
                for key in ("heatmaps", "part_heatmaps", "offsets")}
         out["features"] = torch.zeros(n, 2, h // STRIDE, w // STRIDE)
@@ -213,6 +217,24 @@ def test_predict_poses_round_trip_in_original_pixels(flip_test):
         assert torch.equal(cells[n:, 1], cells[:n, 1])
 
 
+def test_published_convention_round_trip():
+    """Targets drawn with the published mapping (input px = 4 x cell, mirror shifted 3 px)
+    decode back to the people exactly with the published convention, and 1.5 px off with
+    ours."""
+    people = _crowd()
+    back = torch.tensor([[[2.0, 0.0, 3.0], [0.0, 2.0, -1.0]]])
+    gt = people[..., :2] * 2.0 + [3.0, -1.0]
+    published = OracleNet(people, (256, 256), convention="published")
+    (poses, _), = predict_poses(published, torch.zeros(1, 3, 256, 256), LAYOUT, back)
+    dist, who = _match(poses.numpy(), gt)
+    assert sorted(who.tolist()) == list(range(len(people)))
+    assert dist.max() < 1e-2
+    published.convention = get_convention("cell_center")  # decoded with the wrong convention
+    (wrong, _), = predict_poses(published, torch.zeros(1, 3, 256, 256), LAYOUT, back)
+    dist, _ = _match(wrong.numpy(), gt)
+    assert dist.min() > 2.0  # 1.5 input px = 3 original px off, at least
+
+
 def test_refined_pose_is_coarse_minus_correction_and_mirrored_back():
     people = _crowd()
     base = OracleNet(people, (256, 256))
@@ -222,13 +244,19 @@ def test_refined_pose_is_coarse_minus_correction_and_mirrored_back():
         cfg = DecodeConfig(flip_test=flip_test)
         p0, _ = predict_poses(base, torch.zeros(1, 3, 256, 256), LAYOUT, back, cfg)[0]
         p1, _ = predict_poses(shifted, torch.zeros(1, 3, 256, 256), LAYOUT, back, cfg)[0]
+        # fusion orders people by their mean keypoint score, which the shift changes: pair
+        # each shifted person with its unshifted one first
+        _, who = _match(p1.numpy(), p0.numpy())
+        assert sorted(who.tolist()) == list(range(len(p0)))
+        p0 = p0[torch.from_numpy(who)]
         # correction 0.25 cell = 1 input px subtracted; the mirrored branch's x correction
         # flips sign when mirrored back, so with flip test the x shifts cancel.
         assert torch.allclose(p1[..., 0] - p0[..., 0], torch.tensor(dx), atol=1e-4)
         assert torch.allclose(p1[..., 1] - p0[..., 1], torch.tensor(-1.0), atol=1e-4)
     cfg = DecodeConfig(flip_test=False, refine=False)
     p2, _ = predict_poses(shifted, torch.zeros(1, 3, 256, 256), LAYOUT, back, cfg)[0]
-    assert torch.allclose(p2, p0, atol=1e-5)
+    _, who = _match(p2.numpy(), p0.numpy())
+    assert torch.allclose(p2, p0[torch.from_numpy(who)], atol=1e-5)
 
 
 def test_multi_scale_round_trip():

@@ -14,9 +14,15 @@ from pinet_lightning.layouts import get_layout
 SIGMAS = np.asarray(get_layout("crowdpose").sigmas)
 
 
+def _area(pose: np.ndarray) -> float:
+    xs, ys = pose[:, 0], pose[:, 1]
+    return (max(xs) - min(xs)) * (max(ys) - min(ys))
+
+
 def _ref_oks(ref: np.ndarray, other: np.ndarray, sigmas: np.ndarray) -> float:
-    xs, ys = ref[:, 0], ref[:, 1]
-    area = (max(xs) - min(xs)) * (max(ys) - min(ys))
+    """The published oks_iou, one keypoint at a time: the scale is the MEAN of the two
+    poses' areas."""
+    area = (_area(ref) + _area(other)) / 2
     total = 0.0
     for k in range(len(sigmas)):
         d2 = (ref[k, 0] - other[k, 0]) ** 2 + (ref[k, 1] - other[k, 1]) ** 2
@@ -76,6 +82,23 @@ def test_oks_matrix_matches_reference():
     np.testing.assert_allclose(got, want, rtol=1e-12)
     np.testing.assert_allclose(np.diag(oks_matrix(a, a, SIGMAS)), 1.0)
     np.testing.assert_allclose(pose_areas(a[:1]), [np.ptp(a[0, :, 0]) * np.ptp(a[0, :, 1])])
+    np.testing.assert_allclose(got, oks_matrix(b, a, SIGMAS).T, rtol=1e-12)  # symmetric
+
+
+def test_oks_uses_the_mean_of_the_two_areas():
+    """A pose and a copy shifted 2 px right and stretched 2x down: the OKS scale is the mean
+    of the two areas (published oks_iou), not the first pose's."""
+    small = np.zeros((14, 2))
+    small[:, 0] = np.linspace(0, 10, 14)
+    small[:, 1] = np.linspace(0, 10, 14)  # extent 10 x 10: area 100
+    large = np.stack([small[:, 0] + 2.0, small[:, 1] * 2.0], -1)  # extent 10 x 20: area 200
+    d2 = (2.0**2) + (small[:, 1] - large[:, 1]) ** 2
+    scale = (100.0 + 200.0) / 2
+    want = np.mean(np.exp(-d2 / (2 * SIGMAS) ** 2 / (scale + np.spacing(1)) / 2))
+    got = oks_matrix(small[None], large[None], SIGMAS)[0, 0]
+    assert got == pytest.approx(want, rel=1e-12)
+    leader_only = np.mean(np.exp(-d2 / (2 * SIGMAS) ** 2 / 100.0 / 2))
+    assert abs(got - leader_only) > 1e-3  # the old rule (leader's area) is measurably off
 
 
 @pytest.mark.parametrize("seed", range(40))

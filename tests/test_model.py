@@ -3,6 +3,8 @@ overfit run on synthetic crowds."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -154,3 +156,23 @@ def test_head_init_std_reaches_the_ppg_heads():
         assert 0.04 < conv.weight.std().item() < 0.06
         assert torch.count_nonzero(conv.bias) == 0
     assert net.config["head_init_std"] == 0.05
+
+
+def test_refinement_starts_as_the_published_network():
+    """Graph convolutions: W Xavier-uniform with gain 1.414, b uniform in +-1/sqrt(out);
+    the readout keeps PyTorch's default initialization (published: plain Conv1d)."""
+    from pinet_lightning.refinement import PoseRefinement
+
+    torch.manual_seed(0)
+    pr = PoseRefinement(480, "crowdpose", num_layers=2)
+    xavier = 1.414 * math.sqrt(6 / (480 + 480))
+    blocks = [pr.input_block] + [b for res in pr.blocks for b in (res.block1, res.block2)]
+    assert len(blocks) == 5
+    for block in blocks:
+        w, b = block.linear.weight, block.bias
+        assert w.abs().max() <= xavier and w.abs().max() > 0.95 * xavier
+        assert w.std().item() == pytest.approx(xavier / math.sqrt(3), rel=0.02)
+        assert b.abs().max() <= 1 / math.sqrt(480) and b.abs().max() > 0.9 / math.sqrt(480)
+    default = 1 / math.sqrt(480)  # nn.Linear / Conv1d: U(+-1/sqrt(fan_in))
+    assert pr.output.weight.abs().max() <= default
+    assert pr.output.weight.std().item() == pytest.approx(default / math.sqrt(3), rel=0.05)

@@ -126,11 +126,13 @@ def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
 
 
 def test_from_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt': no such file"):
         Predictor.from_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="a folder, not a file"):
+        Predictor.from_checkpoint(tmp_path)
     bad = tmp_path / "bad.ckpt"
     torch.save({"weights": 1}, bad)
-    with pytest.raises(ValueError, match="neither a Lightning checkpoint"):
+    with pytest.raises(ValueError, match="bad.ckpt' is neither a model.pt"):
         Predictor.from_checkpoint(bad)
 
 

@@ -4,14 +4,10 @@ Everything up to pose fusion runs on the network's device on fixed-size tensors 
 peaks per part, a validity mask instead of filtering), so a batch costs one host transfer,
 right before fusion.
 
-Cell-center convention: output cell ``x`` sits at network-input pixel
-``x_in = stride * x + cell_offset`` with ``cell_offset = (stride - 1) / 2 = 1.5`` — the
-center of the 4 input pixels it covers (equivalently ``x_out = (x_in + 0.5) / 4 - 0.5``,
-pixel centers at integer coordinates as in docs/architecture.md). It is the one convention
-under which mirroring the input (``x_in -> W - 1 - x_in``) is exactly mirroring the output
-map (``x -> w - 1 - x``), which the flip test relies on; with ``x_in = 4 x`` the mirrored
-branch would be off by 0.75 cell. Training targets must use the same mapping
-(``DecodeConfig.cell_offset`` is a field, should a data pipeline differ).
+Where output cells sit in the network input, how the mirrored input is built, where the
+refinement reads features and how keypoint scores are read off the heatmaps follow the
+network's cell/pixel convention (``net.convention``, :mod:`pinet_lightning.conventions`):
+``cell_center`` for models trained here, ``published`` for the authors' weights.
 
 Flip test: the network runs once on ``2B`` images (the batch, then its mirror). Keypoint
 heatmaps are averaged (mirror flipped back, channels reordered by the flip order), part
@@ -22,7 +18,8 @@ heatmaps. For a peak at cell ``(x, y)`` the mirrored output gives a second coars
 direct pose.
 
 Scores: pose score = averaged part heatmap at the peak; keypoint score = pose score x the
-averaged keypoint heatmap sampled bilinearly at the keypoint (0 outside the map).
+averaged keypoint heatmap at the keypoint. Pose fusion orders the proposals by the mean of
+their keypoint scores (as the published inference does).
 
 Multi-scale (``scales`` other than ``(1.0,)``): each scale resizes the input (bilinear,
 pixel-center aligned, sides rounded to ``scale_multiple``), decodes its own peaks and poses,
@@ -41,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pinet_lightning.conventions import Convention, get_convention
 from pinet_lightning.fusion import pose_fusion
 from pinet_lightning.layouts import Layout, get_layout
-from pinet_lightning.refinement import bilinear_corners
+from pinet_lightning.sampling import sample_maps
 
 __all__ = [
     "DecodeConfig",
@@ -52,6 +50,9 @@ __all__ = [
     "gather_offsets",
     "sample_maps",
     "merge_flip",
+    "ScaleDecoding",
+    "decode_scale",
+    "score_scales",
     "decode_outputs",
     "cells_to_image",
     "fuse_batch",
@@ -75,8 +76,6 @@ class DecodeConfig:
         nms_large_size, nms_medium_size, nms_kernels: max-pool kernel ``nms_kernels[0]`` (7)
             when the mean of the map's height and width is over ``nms_large_size``,
             ``nms_kernels[1]`` (5) over ``nms_medium_size``, else ``nms_kernels[2]`` (3).
-        output_stride: network input pixels per output cell.
-        cell_offset: input pixel of cell 0's center (see the module docstring).
         scale_multiple: multi-scale inputs have sides rounded to this multiple.
         max_people: keep at most this many fused poses per image, best first (None: all).
     """
@@ -90,8 +89,6 @@ class DecodeConfig:
     nms_large_size: float = 300.0
     nms_medium_size: float = 200.0
     nms_kernels: tuple[int, int, int] = (7, 5, 3)
-    output_stride: int = 4
-    cell_offset: float = 1.5
     scale_multiple: int = 64
     max_people: int | None = None
 
@@ -105,8 +102,6 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.scales must be positive numbers, got {self.scales}")
         if self.top_k < 1:
             raise ValueError(f"DecodeConfig.top_k must be >= 1, got {self.top_k}")
-        if self.output_stride < 1:
-            raise ValueError(f"DecodeConfig.output_stride must be >= 1, got {self.output_stride}")
 
     @classmethod
     def from_any(cls, cfg: DecodeConfig | Mapping[str, Any] | None = None,
@@ -119,6 +114,7 @@ class DecodeConfig:
         else:
             values = {str(k): v for k, v in dict(cfg).items()}
         values.update(overrides)
+        _drop_legacy_fields(values)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
@@ -130,6 +126,18 @@ class DecodeConfig:
         d["scales"] = list(self.scales)
         d["nms_kernels"] = list(self.nms_kernels)
         return d
+
+
+# Fields of checkpoints written before the cell/pixel convention moved to the network: the
+# only values they ever held are those of the cell_center convention.
+_LEGACY_FIELDS = {"output_stride": 4, "cell_offset": 1.5}
+
+
+def _drop_legacy_fields(values: dict[str, Any]) -> None:
+    for key, expected in _LEGACY_FIELDS.items():
+        if key in values and float(values.pop(key)) != expected:
+            raise ValueError(f"DecodeConfig: '{key}' is no longer a decoding setting; the "
+                             "network's convention decides it (PINet(convention=...))")
 
 
 def nms_kernel_size(height: int, width: int, cfg: DecodeConfig | None = None) -> int:
@@ -176,21 +184,6 @@ def gather_offsets(offsets: Tensor, index: Tensor, num_keypoints: int) -> Tensor
     return picked.view(b, p, num_keypoints, 2, t).permute(0, 1, 4, 2, 3)
 
 
-def sample_maps(maps: Tensor, points: Tensor, channels: Tensor) -> Tensor:
-    """Bilinear value of ``maps`` (B, C, h, w) at ``points`` (B, M, 2) (x, y), each in its
-    own channel ``channels`` (B, M) or (M,) -> (B, M). Pixel centers at integers; corners
-    outside the map count 0 (as grid_sample with zeros padding, align_corners=True)."""
-    b, c, h, w = maps.shape
-    m = points.shape[1]
-    flat = maps.reshape(b, c * h * w)
-    channels = channels.expand(b, m) if channels.dim() == 1 else channels
-    cells, weights = bilinear_corners(points, h, w)  # (4, B, M) each
-    out = torch.zeros((b, m), dtype=torch.float32, device=maps.device)
-    for cell, weight in zip(cells, weights, strict=True):
-        out = out + flat.gather(1, channels * (h * w) + cell).float() * weight
-    return out
-
-
 def merge_flip(outputs: Mapping[str, Tensor], flip_index: Sequence[int] | Tensor,
                flip: bool) -> tuple[Tensor, Tensor]:
     """Keypoint and part heatmaps of the batch, averaged with the mirrored half when
@@ -206,13 +199,36 @@ def merge_flip(outputs: Mapping[str, Tensor], flip_index: Sequence[int] | Tensor
     return heatmaps, parts
 
 
-def _proposals(outputs: Mapping[str, Tensor], part_heatmaps: Tensor, layout: Layout,
-               cfg: DecodeConfig, refine_fn: RefineFn | None, flip: bool) -> dict[str, Tensor]:
+@dataclass
+class ScaleDecoding:
+    """One input scale, decoded up to scoring.
+
+    Attributes:
+        heatmaps, part_heatmaps: (B, K, h, w), (B, P, h, w) flip-averaged maps, float32.
+        poses: (B, N, K, 2) refined (flip-averaged) poses in this scale's output cells,
+            N = P * T proposals an image (T peaks per part).
+        cells: (B, N, 2) peak cells; part: (B, N) part of each peak; valid: (B, N) bool.
+        input_scale: (sx, sy) base-input pixels per input pixel of this scale.
+    """
+
+    heatmaps: Tensor
+    part_heatmaps: Tensor
+    poses: Tensor
+    cells: Tensor
+    part: Tensor
+    valid: Tensor
+    input_scale: tuple[float, float] = (1.0, 1.0)
+
+
+def decode_scale(outputs: Mapping[str, Tensor], layout: Layout, cfg: DecodeConfig,
+                 refine_fn: RefineFn | None, flip: bool,
+                 input_scale: tuple[float, float] = (1.0, 1.0)) -> ScaleDecoding:
     """Peaks and their (refined, flip-averaged) poses in output cells, fixed size N = P*T."""
+    heatmaps, part_heatmaps = merge_flip(outputs, layout.flip_index, flip)
     b, p, h, w = part_heatmaps.shape
     k = layout.num_keypoints
     kernel = nms_kernel_size(h, w, cfg)
-    scores, index, valid = find_peaks(part_heatmaps, cfg.top_k, cfg.score_threshold, kernel)
+    _, index, valid = find_peaks(part_heatmaps, cfg.top_k, cfg.score_threshold, kernel)
     t = index.shape[-1]
     offsets = outputs["offsets"].float()
     cells = torch.stack([index % w, torch.div(index, w, rounding_mode="floor")], -1).float()
@@ -240,29 +256,60 @@ def _proposals(outputs: Mapping[str, Tensor], part_heatmaps: Tensor, layout: Lay
         back = torch.stack([(w - 1) - back[..., 0], back[..., 1]], -1)
         refined = (refined + back) / 2
     part_index = torch.arange(p, device=index.device)[None, :, None].expand(b, p, t)
-    return {
-        "poses": refined.view(b, p * t, k, 2),
-        "cells": cells.view(b, p * t, 2),
-        "part": part_index.reshape(b, p * t),
-        "peak_scores": scores.reshape(b, p * t),
-        "valid": valid.reshape(b, p * t),
-    }
+    return ScaleDecoding(heatmaps=heatmaps, part_heatmaps=part_heatmaps,
+                         poses=refined.view(b, p * t, k, 2), cells=cells.view(b, p * t, 2),
+                         part=part_index.reshape(b, p * t), valid=valid.reshape(b, p * t),
+                         input_scale=input_scale)
 
 
-def _score(proposals: dict[str, Tensor], heatmaps: Tensor) -> dict[str, Tensor]:
-    """Keypoint scores = pose score x averaged keypoint heatmap at the keypoint."""
-    b, n, k, _ = proposals["poses"].shape
-    kpt_channels = torch.arange(k, device=heatmaps.device).repeat(n)
-    sampled = sample_maps(heatmaps, proposals["poses"].reshape(b, n * k, 2), kpt_channels)
-    scores = proposals["scores"]
-    kpt_scores = scores[..., None] * sampled.view(b, n, k)
-    return {**proposals, "poses": torch.cat([proposals["poses"], kpt_scores[..., None]], -1)}
+def score_scales(scales: Sequence[ScaleDecoding], convention: Convention, stride: int,
+                 score_threshold: float) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Scores of every scale's proposals: per scale (poses (B, N, K, 3) in its own cells with
+    the keypoint scores, pose scores (B, N), valid (B, N)).
+
+    Pose score = part heatmap at the peak, keypoint score = pose score x keypoint heatmap at
+    the keypoint (read as the convention says). With several scales the maps of all scales are
+    resized to the largest one and averaged, and every proposal is scored on them.
+    """
+    largest = max(scales, key=lambda sc: sc.heatmaps.shape[-1] * sc.heatmaps.shape[-2])
+    h, w = largest.heatmaps.shape[-2:]
+
+    def resized(m: Tensor) -> Tensor:
+        if m.shape[-2:] == (h, w):
+            return m
+        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+
+    if len(scales) == 1:
+        heatmaps, parts = largest.heatmaps, largest.part_heatmaps
+    else:
+        heatmaps = torch.stack([resized(sc.heatmaps) for sc in scales]).mean(0)
+        parts = torch.stack([resized(sc.part_heatmaps) for sc in scales]).mean(0)
+
+    def to_largest(xy: Tensor, sc: ScaleDecoding) -> Tensor:
+        # scale-s cells -> its input px -> base input px -> largest input px -> cells
+        if sc is largest:
+            return xy
+        ratio = xy.new_tensor(sc.input_scale) / xy.new_tensor(largest.input_scale)
+        px = (convention.cell_to_input(xy, stride) + 0.5) * ratio - 0.5
+        return convention.input_to_cell(px, stride)
+
+    scored = []
+    for sc in scales:
+        b, n, k, _ = sc.poses.shape
+        pose_scores = sample_maps(parts, to_largest(sc.cells, sc), sc.part)
+        kpts = to_largest(sc.poses, sc).reshape(b, n * k, 2)
+        channels = torch.arange(k, device=kpts.device).repeat(n)
+        sampled = convention.keypoint_scores(heatmaps, kpts, channels, stride).view(b, n, k)
+        poses = torch.cat([sc.poses, (pose_scores[..., None] * sampled)[..., None]], -1)
+        scored.append((poses, pose_scores, sc.valid & (pose_scores > score_threshold)))
+    return scored
 
 
 def decode_outputs(outputs: Mapping[str, Tensor], layout: Layout | str,
                    cfg: DecodeConfig | None = None, refine_fn: RefineFn | None = None,
-                   flip: bool | None = None) -> dict[str, Tensor]:
-    """Decode network outputs of one scale into proposals, without fusion.
+                   flip: bool | None = None, convention: str | Convention | None = None,
+                   stride: int = 4) -> dict[str, Tensor]:
+    """Decode network outputs of one scale into scored proposals, without fusion.
 
     Args:
         outputs: ``heatmaps``, ``part_heatmaps``, ``offsets`` (and ``features`` when
@@ -271,11 +318,12 @@ def decode_outputs(outputs: Mapping[str, Tensor], layout: Layout | str,
         cfg: decode settings; ``flip`` defaults to ``cfg.flip_test``.
         refine_fn: ``net.refine`` (features, poses, cells, batch_index) -> correction, or
             None for coarse poses (e.g. target maps fed as outputs).
+        convention, stride: the network's cell/pixel convention and output stride.
 
     Returns:
         fixed-size tensors, N = P * T proposals an image: ``poses`` (B, N, K, 3) (x, y in
-        output cells, keypoint score), ``scores`` (B, N), ``valid`` (B, N) bool, ``cells``
-        (B, N, 2) peak cells, ``part`` (B, N), plus the averaged ``heatmaps`` and
+        output cells, keypoint score), ``scores`` (B, N) pose scores, ``valid`` (B, N) bool,
+        ``cells`` (B, N, 2) peak cells, ``part`` (B, N), plus the averaged ``heatmaps`` and
         ``part_heatmaps``.
     """
     layout = get_layout(layout)
@@ -283,17 +331,17 @@ def decode_outputs(outputs: Mapping[str, Tensor], layout: Layout | str,
     flip = cfg.flip_test if flip is None else flip
     if flip and outputs["heatmaps"].shape[0] % 2:
         raise ValueError("decoding: flip test needs 2B outputs (the batch, then its mirror)")
-    heatmaps, parts = merge_flip(outputs, layout.flip_index, flip)
-    props = _proposals(outputs, parts, layout, cfg, refine_fn, flip)
-    props["scores"] = props.pop("peak_scores")
-    out = _score(props, heatmaps)
-    out["heatmaps"], out["part_heatmaps"] = heatmaps, parts
-    return out
+    sc = decode_scale(outputs, layout, cfg, refine_fn, flip)
+    (poses, scores, valid), = score_scales([sc], get_convention(convention), stride,
+                                           cfg.score_threshold)
+    return {"poses": poses, "scores": scores, "valid": valid, "cells": sc.cells,
+            "part": sc.part, "heatmaps": sc.heatmaps, "part_heatmaps": sc.part_heatmaps}
 
 
-def cells_to_image(poses: Tensor, back_transforms: Tensor, cfg: DecodeConfig | None = None,
+def cells_to_image(poses: Tensor, back_transforms: Tensor,
+                   convention: str | Convention | None = None, stride: int = 4,
                    input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
-    """Output cells -> network-input pixels -> original pixels.
+    """Output cells -> network-input pixels (the convention's mapping) -> original pixels.
 
     Args:
         poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
@@ -301,8 +349,7 @@ def cells_to_image(poses: Tensor, back_transforms: Tensor, cfg: DecodeConfig | N
         input_scale: (sx, sy) = base input size / this scale's input size (multi-scale);
             pixel centers stay aligned: x_base = (x + 0.5) * sx - 0.5.
     """
-    cfg = cfg or DecodeConfig()
-    xy = poses[..., :2] * cfg.output_stride + cfg.cell_offset
+    xy = get_convention(convention).cell_to_input(poses[..., :2], stride)
     if input_scale != (1.0, 1.0):
         scale = xy.new_tensor(input_scale)
         xy = (xy + 0.5) * scale - 0.5
@@ -311,12 +358,13 @@ def cells_to_image(poses: Tensor, back_transforms: Tensor, cfg: DecodeConfig | N
     return torch.cat([mapped, poses[..., 2:]], -1)
 
 
-def fuse_batch(poses: Tensor, scores: Tensor, valid: Tensor, sigmas: Sequence[float],
+def fuse_batch(poses: Tensor, valid: Tensor, sigmas: Sequence[float],
                cfg: DecodeConfig | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Pose fusion per image; one device -> host transfer for the whole batch.
+    """Pose fusion per image, proposals ordered by their mean keypoint score (SPEC 5.7); one
+    device -> host transfer for the whole batch.
 
     Args:
-        poses (B, N, K, 3), scores (B, N), valid (B, N): proposals in original pixels.
+        poses (B, N, K, 3), valid (B, N): scored proposals in original pixels.
 
     Returns:
         per image (fused poses (F, K, 3), fused scores (F,)) float32 CPU tensors, best first
@@ -324,14 +372,14 @@ def fuse_batch(poses: Tensor, scores: Tensor, valid: Tensor, sigmas: Sequence[fl
     """
     cfg = cfg or DecodeConfig()
     b, n, k, _ = poses.shape
-    packed = torch.cat([poses.reshape(b, n, k * 3).float(), scores[..., None].float(),
-                        valid[..., None].float()], -1).cpu().numpy()
+    packed = torch.cat([poses.reshape(b, n, k * 3).float(), valid[..., None].float()],
+                       -1).cpu().numpy()
     results = []
     for item in packed:
         keep = item[:, -1] > 0
-        fused, fused_scores = pose_fusion(item[keep, : k * 3].reshape(-1, k, 3),
-                                          item[keep, k * 3], np.asarray(sigmas),
-                                          cfg.oks_threshold)
+        proposals = item[keep, : k * 3].reshape(-1, k, 3)
+        fused, fused_scores = pose_fusion(proposals, proposals[..., 2].mean(-1),
+                                          np.asarray(sigmas), cfg.oks_threshold)
         if cfg.max_people is not None and len(fused_scores) > cfg.max_people:
             best = np.argsort(-fused_scores, kind="stable")[: cfg.max_people]
             fused, fused_scores = fused[best], fused_scores[best]
@@ -376,8 +424,10 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
 
     Args:
         net: a ``PINet`` (anything with ``__call__(images) -> outputs dict`` and
-            ``refine(features, poses, cells, batch_index)``).
-        images: (B, 3, H, W) RGB, uint8 or float in 0..255 (as from ``inference_resize``).
+            ``refine(features, poses, cells, batch_index)``; its ``convention`` and
+            ``output_stride``, when it has them, else ``cell_center`` and 4).
+        images: (B, 3, H, W) RGB, uint8 or float in 0..255, as the convention's ``resize``
+            makes them (``Predictor`` does).
         layout: keypoint layout; None takes ``net.layout``.
         back_transforms: (B, 2, 3) network-input pixels -> original pixels.
         cfg: DecodeConfig or a mapping of its fields.
@@ -387,6 +437,8 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     """
     cfg = DecodeConfig.from_any(cfg)
     layout = get_layout(layout if layout is not None else net.layout)
+    convention = get_convention(getattr(net, "convention", None))
+    stride = int(getattr(net, "output_stride", 4))
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"predict_poses: images must be (B, 3, H, W), got {tuple(images.shape)}")
     back_transforms = torch.as_tensor(np.asarray(back_transforms) if not isinstance(
@@ -404,62 +456,24 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     # arithmetic stays float32 (bf16 would quantize pixel coordinates).
     full_precision = torch.autocast(device.type, enabled=False)
     with torch.inference_mode():
-        per_scale = []
+        scales = []
         for scale in cfg.scales:
             x = _resize_input(images, scale, cfg.scale_multiple) if scale != 1.0 else images
-            batch = torch.cat([x, x.flip(-1)]) if cfg.flip_test else x
+            if cfg.flip_test:
+                mirror = convention.mirror(x, stride)
+                batch = torch.cat([x.to(mirror.dtype), mirror])
+            else:
+                batch = x
             outputs = net(batch)
             with full_precision:
-                heatmaps, parts = merge_flip(outputs, layout.flip_index, cfg.flip_test)
-                props = _proposals(outputs, parts, layout, cfg, refine_fn, cfg.flip_test)
+                input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
+                scales.append(decode_scale(outputs, layout, cfg, refine_fn, cfg.flip_test,
+                                           input_scale))
             del outputs
-            input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
-            per_scale.append((heatmaps, parts, props, input_scale))
         with full_precision:
-            if len(per_scale) == 1:
-                heatmaps, _, props, _ = per_scale[0]
-                props["scores"] = props.pop("peak_scores")
-                scored = _score(props, heatmaps)
-                poses = cells_to_image(scored["poses"], back_transforms, cfg)
-                scores, valid = scored["scores"], scored["valid"]
-            else:
-                poses, scores, valid = _merge_scales(per_scale, back_transforms, cfg)
-    return fuse_batch(poses, scores, valid, layout.sigmas, cfg)
-
-
-def _merge_scales(per_scale: list, back_transforms: Tensor,
-                  cfg: DecodeConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Average all scales' heatmaps at the largest map, score every scale's proposals on
-    them, pool the proposals (original pixels)."""
-    largest = max(per_scale, key=lambda item: item[0].shape[-1] * item[0].shape[-2])
-    h, w = largest[0].shape[-2:]
-    ref_scale = largest[3]  # base input pixels per input pixel of the largest scale
-
-    def resized(m: Tensor) -> Tensor:
-        if m.shape[-2:] == (h, w):
-            return m
-        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-
-    heatmaps = torch.stack([resized(item[0]) for item in per_scale]).mean(0)
-    parts = torch.stack([resized(item[1]) for item in per_scale]).mean(0)
-    stride, off = cfg.output_stride, cfg.cell_offset
-
-    def to_largest_cells(xy: Tensor, input_scale: tuple[float, float]) -> Tensor:
-        # scale-s cells -> scale-s input px -> base input px -> largest input px -> cells
-        s = xy.new_tensor(input_scale) / xy.new_tensor(ref_scale)
-        return (((xy * stride + off) + 0.5) * s - 0.5 - off) / stride
-
-    all_poses, all_scores, all_valid = [], [], []
-    for _, _, props, input_scale in per_scale:
-        b, n, k, _ = props["poses"].shape
-        cells = to_largest_cells(props["cells"], input_scale)
-        pose_scores = sample_maps(parts, cells, props["part"])
-        kpts = to_largest_cells(props["poses"], input_scale)
-        channels = torch.arange(k, device=kpts.device).repeat(n)
-        sampled = sample_maps(heatmaps, kpts.reshape(b, n * k, 2), channels).view(b, n, k)
-        kpt_scores = pose_scores[..., None] * sampled
-        with_scores = torch.cat([props["poses"], kpt_scores[..., None]], -1)
-        all_poses.append(cells_to_image(with_scores, back_transforms, cfg, input_scale))
-        all_scores.append(pose_scores)
-        all_valid.append(props["valid"] & (pose_scores > cfg.score_threshold))
-    return torch.cat(all_poses, 1), torch.cat(all_scores, 1), torch.cat(all_valid, 1)
+            scored = score_scales(scales, convention, stride, cfg.score_threshold)
+            poses = torch.cat([cells_to_image(p, back_transforms, convention, stride,
+                                              sc.input_scale)
+                               for (p, _, _), sc in zip(scored, scales, strict=True)], 1)
+            valid = torch.cat([v for _, _, v in scored], 1)
+    return fuse_batch(poses, valid, layout.sigmas, cfg)

@@ -6,10 +6,10 @@ Conventions chosen here (SPEC leaves them open):
   predict every keypoint, so **all K keypoints count**, both for the OKS distance and for
   the pose's extent.
 - Area of a pose = ``(max x - min x) * (max y - min y)`` over its K keypoints.
-- ``OKS[i, j]`` compares pose ``j`` against the reference pose ``i`` with the reference's
-  area (like COCO's OKS uses the ground truth's area): in the greedy pass the reference is
-  the cluster leader. ``OKS = mean_k exp(-d^2 / (2 * area * (2 sigma_k)^2))``.
-- Greedy order: scores sorted descending with a stable sort (ties: lower input index
+- ``OKS[i, j] = mean_k exp(-d^2 / (2 s (2 sigma_k)^2))`` with ``s`` the mean of the two
+  poses' areas (the published ``oks_iou``; symmetric in i and j).
+- Greedy order: the given scores (decoding passes each proposal's mean keypoint score, as
+  the published inference) sorted descending with a stable sort (ties: lower input index
   first). A pose joins the leader's cluster when ``OKS > oks_threshold`` (strict). Per
   keypoint, the fused pose takes the candidate with the highest keypoint score; ties go
   to the candidate that comes first in the greedy order. Fused poses come out in leader
@@ -47,15 +47,17 @@ def oks_matrix(
     poses_a: np.ndarray | torch.Tensor,
     poses_b: np.ndarray | torch.Tensor,
     sigmas: np.ndarray | torch.Tensor | list[float],
-    areas: np.ndarray | torch.Tensor | None = None,
+    areas_a: np.ndarray | torch.Tensor | None = None,
+    areas_b: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
-    """OKS of every pose of ``poses_b`` against every reference pose of ``poses_a``.
+    """OKS of every pose of ``poses_b`` against every pose of ``poses_a``; the scale of a
+    pair is the mean of its two areas.
 
     Args:
-        poses_a: (M, K, 2+) reference poses (x, y, ...).
+        poses_a: (M, K, 2+) poses (x, y, ...).
         poses_b: (N, K, 2+) poses.
         sigmas: (K,) OKS sigmas (already /10, as ``Layout.sigmas``).
-        areas: (M,) areas of the reference poses; default: their keypoint extent.
+        areas_a, areas_b: (M,), (N,) areas; default: each pose's keypoint extent.
 
     Returns:
         (M, N) float64 numpy array.
@@ -68,10 +70,12 @@ def oks_matrix(
             f"fusion.oks_matrix: poses must be (M, K, 2+) and (N, K, 2+) with K = "
             f"len(sigmas); got {a.shape}, {b.shape}, {s.shape}"
         )
-    area = pose_areas(a) if areas is None else _to_numpy(areas)
+    area_a = pose_areas(a) if areas_a is None else _to_numpy(areas_a)
+    area_b = pose_areas(b) if areas_b is None else _to_numpy(areas_b)
+    scale = (area_a[:, None] + area_b[None, :]) / 2.0  # (M, N)
     var = (2.0 * s) ** 2  # (K,)
     d2 = ((a[:, None, :, :2] - b[None, :, :, :2]) ** 2).sum(-1)  # (M, N, K)
-    e = d2 / var / (area[:, None, None] + np.spacing(1)) / 2.0
+    e = d2 / var / (scale[:, :, None] + np.spacing(1)) / 2.0
     return np.exp(-e).mean(-1)
 
 
@@ -109,7 +113,7 @@ def oks_nms(
 ) -> np.ndarray:
     """Greedy OKS non-maximum suppression: indices of the kept poses, best first."""
     sc = _to_numpy(scores)
-    oks = oks_matrix(poses, poses, sigmas, areas)
+    oks = oks_matrix(poses, poses, sigmas, areas, areas)
     labels = greedy_clusters(oks, sc, oks_threshold)
     order = np.argsort(-sc, kind="stable")
     # The leader of each cluster is its first member in greedy order.

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pinet_lightning.backbone import Backbone
+from pinet_lightning.backbone import OUTPUT_STRIDE, Backbone
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.heads import PPGHeads
 from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.refinement import PoseRefinement
 
-__all__ = ["PINet", "save_model", "load_model", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["PINet", "save_model", "load_model", "network_from_blob", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,13 +36,18 @@ class PINet(nn.Module):
             features to this width before the heads and PR (None: use them as they are,
             SPEC).
         head_init_std: the PPG convolutions start normal(0, this) with zero biases (SPEC 3).
+        convention: the cell/pixel convention the network is trained under (``cell_center``,
+            ours; ``published`` for the authors' weights, see
+            :mod:`pinet_lightning.conventions`): decoding and the refinement follow it.
     """
 
     def __init__(self, layout: Layout | str | Mapping[str, Any], backbone: str = "hrnet_w32",
                  pretrained: str | None = None, refine_layers: int = 3,
-                 feature_channels: int | None = None, head_init_std: float = 0.001) -> None:
+                 feature_channels: int | None = None, head_init_std: float = 0.001,
+                 convention: str = "cell_center") -> None:
         super().__init__()
         self.layout = get_layout(layout)
+        self.convention = get_convention(convention)
         self.head_init_std = head_init_std
         self.backbone_name = backbone
         self.refine_layers = refine_layers
@@ -57,7 +64,8 @@ class PINet(nn.Module):
         self.out_channels = channels
         k, p = self.layout.num_keypoints, self.layout.num_parts
         self.heads = PPGHeads(channels, k, p, init_std=head_init_std)
-        self.pose_refinement = PoseRefinement(channels, self.layout, num_layers=refine_layers)
+        self.pose_refinement = PoseRefinement(channels, self.layout, num_layers=refine_layers,
+                                              convention=self.convention)
         # Normalization of 0..255 input, kept out of the state dict.
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
@@ -70,7 +78,13 @@ class PINet(nn.Module):
         travel in the state dict."""
         return {"layout": self.layout.to_dict(), "backbone": self.backbone_name,
                 "pretrained": None, "refine_layers": self.refine_layers,
-                "feature_channels": self.feature_channels, "head_init_std": self.head_init_std}
+                "feature_channels": self.feature_channels, "head_init_std": self.head_init_std,
+                "convention": self.convention.name}
+
+    @property
+    def output_stride(self) -> int:
+        """Network-input pixels per output cell (4)."""
+        return OUTPUT_STRIDE
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 or float 0..255 (B, 3, H, W) -> ImageNet-normalized float."""
@@ -115,16 +129,9 @@ def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) ->
                 "extra": extra or {}}, path)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> PINet:
-    """Rebuild a PINet saved by :func:`save_model` (strict: every weight must match).
-    ``extra`` is available as ``model.extra``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.py: no model file at '{path}'")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"model.py: '{path}' is not a file written by save_model; for a "
-                         "Lightning checkpoint use Predictor.from_checkpoint")
+def network_from_blob(blob: Mapping[str, Any], source: str | Path = "<memory>") -> PINet:
+    """Rebuild a PINet from a loaded :func:`save_model` dict (strict: every weight must
+    match its config)."""
     config = dict(blob["config"])
     config["pretrained"] = None
     net = PINet(**config)
@@ -132,8 +139,25 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> PI
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise RuntimeError(f"model.py: the weights in '{path}' do not fit the saved config "
+        raise RuntimeError(f"model.py: the weights in '{source}' do not fit the saved config "
                            f"{ {k: v for k, v in config.items() if k != 'layout'} }: {err}"
                            ) from err
-    net.extra = blob.get("extra", {})
-    return net.to(map_location)
+    net.extra = dict(blob.get("extra") or {})
+    return net
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               trust_checkpoint: bool = False) -> PINet:
+    """Rebuild a PINet saved by :func:`save_model` (strict: every weight must match).
+    ``extra`` is available as ``model.extra``. The file is read safely (no code runs; see
+    :func:`pinet_lightning.checkpoints.load_file`)."""
+    from pinet_lightning.checkpoints import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.py: no model file at '{path}'")
+    blob = load_file(path, trust_checkpoint)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"model.py: '{path}' is not a file written by save_model; for a "
+                         "Lightning checkpoint use Predictor.from_checkpoint")
+    return network_from_blob(blob, path).to(map_location)

@@ -4,8 +4,9 @@
 >>> people = predictor("street.jpg")                             # list[Person]
 >>> people[0].keypoints  # (K, 3): x, y in the image's pixels, keypoint score
 
-Each image is resized with ``inference_resize`` (SPEC 5.1), images of the same resized size
-are batched, and ``predict_poses`` decodes them (flip test, refinement, fusion).
+Each image is resized as the network's cell/pixel convention says (SPEC 5.1; ours:
+``inference_resize``), images of the same resized size are batched, and ``predict_poses``
+decodes them (flip test, refinement, fusion).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import read_image
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.layouts import Layout, get_layout
@@ -53,15 +55,12 @@ def run_config_file(path: str | Path) -> Path | None:
 
 
 def trained_input_size(path: str | Path, blob: Mapping[str, Any] | None = None) -> int | None:
-    """The input size a checkpoint's network was trained at: ``extra["input_size"]`` of a
-    ``save_model`` file, else ``data.input_size`` of the run's config (:func:`run_config_file`);
-    None when neither says.
+    """The input size a checkpoint's network was trained at: what the file records (a
+    ``save_model`` file's ``extra["input_size"]``, a converted published file's 512), else
+    ``data.input_size`` of the run's config (:func:`run_config_file`); None when neither says.
 
     A network run at another scale than it was trained at finds people of the wrong size.
     """
-    path = Path(path)
-    if blob is None:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
     size = (blob.get("extra") or {}).get("input_size") if isinstance(blob, Mapping) else None
     if size:
         return int(size)
@@ -104,7 +103,7 @@ class Predictor:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).
-        min_score: drop people whose pose score is below this (0: keep every fused pose,
+        min_score: drop people whose pose score is below this (None: keep every fused pose,
             as the evaluation does; weak poses only cost a little AP there, but a caller
             who wants "the people in the image" usually wants a threshold such as 0.1).
     """
@@ -112,7 +111,7 @@ class Predictor:
     def __init__(self, net: nn.Module, layout: Layout | str | Mapping[str, Any] | None = None,
                  decode_cfg: DecodeConfig | Mapping[str, Any] | None = None,
                  input_size: int = 512, device: str | torch.device = "auto",
-                 batch_size: int = 8, bf16: bool = False, min_score: float = 0.0) -> None:
+                 batch_size: int = 8, bf16: bool = False, min_score: float | None = None) -> None:
         self.device = _resolve_device(device)
         self.net = net.to(self.device).eval()
         self.layout = get_layout(layout if layout is not None else net.layout)
@@ -120,61 +119,31 @@ class Predictor:
         self.input_size = int(input_size)
         self.batch_size = max(1, int(batch_size))
         self.bf16 = bf16
-        self.min_score = float(min_score)
+        self.min_score = None if min_score is None else float(min_score)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
-                        input_size: int | None = None, min_score: float = 0.0,
-                        batch_size: int = 8, **decode_overrides: Any) -> Predictor:
-        """Load a Lightning checkpoint of ``PINetModule`` or a ``model.save_model`` file.
+                        input_size: int | None = None, min_score: float | None = None,
+                        batch_size: int = 8, trust_checkpoint: bool = False,
+                        **decode_overrides: Any) -> Predictor:
+        """Load any network file :func:`pinet_lightning.checkpoints.load_network` reads: a
+        ``model.pt`` (training's, or ``pinet-convert``'s from the published weights), a
+        Lightning checkpoint of ``PINetModule``, or the published weights themselves.
 
-        The network is rebuilt from the checkpoint's hyper-parameters (``layout``,
-        ``network``) and its ``net.*`` weights; decoding settings come from its ``decode``
-        hyper-parameters (or the save_model ``extra["decode"]``), then ``decode_overrides``
-        (any ``DecodeConfig`` field, e.g. ``flip_test=False``). ``input_size`` None: the
-        size the network was trained at (see :func:`trained_input_size`), else 512.
+        Decoding settings come from the file (its ``decode`` settings), then
+        ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``); the cell/
+        pixel convention is the network's. ``input_size`` None: the size the network was
+        trained at (see :func:`trained_input_size`), else 512. The file is read safely:
+        ``trust_checkpoint=True`` allows one that needs the full unpickler (it can run code).
         """
-        from pinet_lightning.model import PINet, load_model
+        from pinet_lightning.checkpoints import load_network
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"predictor.py: no checkpoint at '{path}'")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # hparams holding config objects need the full unpickler
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(blob, dict):
-            raise ValueError(f"predictor.py: '{path}' is neither a Lightning checkpoint nor a "
-                             "save_model file")
-        if "config" in blob and "format" in blob:  # model.save_model
-            net = load_model(path)
-            decode = dict((blob.get("extra") or {}).get("decode") or {})
-        elif "state_dict" in blob and "hyper_parameters" in blob:
-            hp = blob["hyper_parameters"]
-            network = {k: v for k, v in dict(hp.get("network") or {}).items()}
-            network["pretrained"] = None  # the weights are in the checkpoint
-            net = PINet(hp.get("layout", "crowdpose"), **network)
-            state = {}
-            for key, value in blob["state_dict"].items():
-                if key.startswith("net."):
-                    state[key[4:].replace("_orig_mod.", "")] = value
-            if not state:
-                raise ValueError(f"predictor.py: '{path}' has no 'net.*' weights; is it a "
-                                 "PINetModule checkpoint?")
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"predictor.py: weights in '{path}' do not fit the network "
-                                 f"of its hyper-parameters: missing {missing[:5]}, unexpected "
-                                 f"{unexpected[:5]}")
-            decode = dict(hp.get("decode") or {})
-        else:
-            raise ValueError(f"predictor.py: '{path}' is neither a Lightning checkpoint "
-                             "(state_dict + hyper_parameters) nor a save_model file")
+        loaded = load_network(path, trust_checkpoint=trust_checkpoint)
         known = set(DecodeConfig.__dataclass_fields__)
-        decode = {k: v for k, v in decode.items() if k in known}
+        decode = {k: v for k, v in loaded.decode.items() if k in known}
         if input_size is None:
-            input_size = trained_input_size(path, blob) or 512
-        return cls(net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
+            input_size = loaded.input_size or trained_input_size(path) or 512
+        return cls(loaded.net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
                    input_size=input_size, device=device, min_score=min_score,
                    batch_size=batch_size)
 
@@ -191,9 +160,9 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[list[Person]]:
         """People in each RGB uint8 image."""
-        from pinet_lightning.augmentation import inference_resize
-
-        prepared = [inference_resize(im, self.input_size) for im in images]
+        convention = get_convention(getattr(self.net, "convention", None))
+        prepared = [convention.resize(im, self.input_size, self.decode_cfg.scale_multiple)
+                    for im in images]
         results: list[list[Person] | None] = [None] * len(images)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, (resized, _) in enumerate(prepared):
@@ -211,5 +180,5 @@ class Predictor:
                 for i, (poses, scores) in zip(chunk, decoded, strict=True):
                     results[i] = [Person(keypoints=p.numpy(), score=float(s))
                                   for p, s in zip(poses, scores, strict=True)
-                                  if float(s) >= self.min_score]
+                                  if self.min_score is None or float(s) >= self.min_score]
         return [r if r is not None else [] for r in results]

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pinet_lightning.conventions import Convention, get_convention
 from pinet_lightning.layouts import Layout, get_layout
+from pinet_lightning.sampling import bilinear_corners
 
 __all__ = ["PoseRefinement", "normalized_adjacency", "sample_features", "MaskedBatchNorm1d"]
 
@@ -41,27 +43,6 @@ def normalized_adjacency(adjacency: np.ndarray | Tensor) -> Tensor:
     a = a + torch.eye(a.shape[0])
     d = a.sum(dim=1).rsqrt()
     return d[:, None] * a * d[None, :]
-
-
-def bilinear_corners(points: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """The four bilinear corners of ``points`` (*S, 2) (x, y), pixel centers at integers, in
-    the order (0,0), (1,0), (0,1), (1,1): their flat cells ``y * width + x`` (4, *S), clamped
-    into the map, and their weights (4, *S) float32, 0 for corners outside the map."""
-    pts = points.float()
-    x0 = pts[..., 0].floor()
-    y0 = pts[..., 1].floor()
-    fx = pts[..., 0] - x0
-    fy = pts[..., 1] - y0
-    x0 = x0.long()
-    y0 = y0.long()
-    # Corner c is (x0 + c % 2, y0 + c // 2); arange, not a host list: no host->device copy.
-    corner = torch.arange(4, device=pts.device).view(4, *([1] * (pts.dim() - 1)))
-    xi = x0[None] + corner % 2  # (4, *S)
-    yi = y0[None] + corner // 2
-    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-    cell = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
-    return cell, weight * inside
 
 
 def _bilinear_gather(features: Tensor, points: Tensor, batch_index: Tensor) -> Tensor:
@@ -208,6 +189,12 @@ class GraphBlock(nn.Module):
         self.linear = nn.Linear(in_channels, out_channels, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.norm = MaskedBatchNorm1d(out_channels)
+        # The published graph convolution's start (SPEC 3): W Xavier-uniform with gain 1.414
+        # (symmetric in fan-in and fan-out, so stored (out, in) it is the same law), b uniform
+        # in +-1/sqrt(out features).
+        nn.init.xavier_uniform_(self.linear.weight, gain=1.414)
+        bound = 1.0 / out_channels**0.5
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, adjacency: Tensor, mask: Tensor | None) -> Tensor:
         """x (K, N, C_in) -> (K, N, C_out); ``mask`` (N,) selects the rows of the BN stats."""
@@ -239,16 +226,20 @@ class PoseRefinement(nn.Module):
         in_channels: C of the backbone features (480 for HRNet-W32).
         layout: a Layout (or name / mapping) whose skeleton gives the graph, or a (K, K) 0/1
             adjacency array.
-        num_layers: L residual blocks (3 CrowdPose, 2 COCO/OCHuman).
+        num_layers: L residual blocks (3 CrowdPose and OCHuman, 2 COCO).
         hidden_channels: width of the graph layers (default ``in_channels``).
-        init_std: std of the last layer's weights (0.001, biases 0): corrections start near
-            zero so the coarse poses are not disturbed early in training.
+        convention: cell/pixel convention (:mod:`pinet_lightning.conventions`); it decides
+            where the keypoints' features are read.
+
+    The readout's two linear layers keep PyTorch's default initialization, as the published
+    network's 1x1 convolutions do.
     """
 
     def __init__(self, in_channels: int, layout: Layout | str | Mapping[str, Any] | np.ndarray,
                  num_layers: int = 3, hidden_channels: int | None = None,
-                 init_std: float = 0.001) -> None:
+                 convention: str | Convention | None = None) -> None:
         super().__init__()
+        self.convention = get_convention(convention)
         if isinstance(layout, (np.ndarray, Tensor)):
             adjacency = np.asarray(layout, dtype=np.float32)
         else:
@@ -263,8 +254,6 @@ class PoseRefinement(nn.Module):
         self.readout = nn.Linear(2 * hidden + in_channels, hidden)
         self.readout_norm = MaskedBatchNorm1d(hidden)
         self.output = nn.Linear(hidden, 2 * self.num_keypoints)
-        nn.init.normal_(self.output.weight, std=init_std)
-        nn.init.zeros_(self.output.bias)
 
     def forward(self, features: Tensor, poses: Tensor, cells: Tensor, batch_index: Tensor,
                 valid: Tensor | None = None) -> Tensor:
@@ -284,7 +273,8 @@ class PoseRefinement(nn.Module):
             return features.new_zeros((0, k, 2))
         # The K keypoints and the source cell of every proposal in one gather, node-major:
         # (K + 1, N, 2) points -> (K + 1, N, C) features.
-        points = torch.cat([poses.transpose(0, 1), cells[None].to(poses.dtype)], dim=0)
+        at = self.convention.feature_points(poses, *features.shape[-2:])
+        points = torch.cat([at.transpose(0, 1), cells[None].to(at.dtype)], dim=0)
         sampled = _bilinear_gather(features, points, batch_index[None].expand(k + 1, n))
         nodes, source = sampled[:k], sampled[k]  # (K, N, C), (N, C)
         x = self.input_block(nodes, self.adjacency, valid)
