@@ -5,7 +5,10 @@ part-heatmap targets; save a PNG grid.
 
 Top row: raw synthetic images (green: visible, red: occluded keypoints). Bottom row: the same
 images after the training augmentation (keypoints re-ordered after flips; the left side of
-each person is drawn in orange, the right in blue) with the part heatmaps tinted in.
+each person is drawn in orange, the right in blue) with the part heatmaps tinted in, the
+pixels the heatmap loss ignores (padding, ignore regions) tinted red, and the drawn crop
+written in the corner: u (crop side / short side; magnification 1/u) and the shift of its
+centre in crop sides.
 """
 
 from __future__ import annotations
@@ -63,15 +66,21 @@ def main() -> None:
         kps, boxes, mask = ds.people(anns, *image.shape[:2])
         raw_row.append(draw_people(image, kps, ds.layout))
         out = ds.augment(image, kps, mask=mask, boxes=boxes)
+        ignored = out["mask"] == 0 if out["mask"] is not None else None
         cells = out["keypoints"].copy()
         cells[..., :2] = (cells[..., :2] - ds.cell_offset) / ds.output_stride
         targets = ds.codec.encode(cells, out["areas"])
         heat = cv2.resize(targets["part_heatmaps"].max(0), (args.size, args.size))
         tinted = out["image"].astype(np.float32)
         tinted[..., 1] = np.clip(tinted[..., 1] + 180 * heat, 0, 255)
+        if ignored is not None:
+            tinted[ignored] = 0.5 * tinted[ignored] + [110, 0, 0]
         drawn = draw_people(tinted.astype(np.uint8), out["keypoints"], ds.layout)
+        crop = out["crop"]
+        text = f"u {crop['scale']:.2f} shift {crop['shift'][0]:+.2f},{crop['shift'][1]:+.2f}"
         if out["flipped"]:
-            cv2.putText(drawn, "flipped", (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, MID, 2)
+            text += " flipped"
+        cv2.putText(drawn, text, (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, MID, 2)
         aug_row.append(drawn)
     grid = np.concatenate([np.concatenate(raw_row, 1), np.concatenate(aug_row, 1)], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -62,12 +62,14 @@ def test_spec_defaults(tmp_path):
     assert (t.window_sigmas, t.part_center_in_map) == (3.0, False)
     a = cfg.data.augmentation
     assert (a.max_rotation, a.min_scale, a.max_scale, a.max_translate, a.flip_prob) == (
-        30.0, 0.75, 1.5, 40.0, 0.5)
+        30.0, 0.75, 1.5, 0.2, 0.5)
+    assert a.ignore_padding is True
+    assert (cfg.data.people.ignore_regions, cfg.data.people.min_image_keypoints) == (False, None)
     assert cfg.data.input_size == 512 and cfg.data.output_stride == 4
     loss = cfg.model.loss
     assert (loss.heatmap_weight, loss.offset_weight, loss.refine_weight) == (1.0, 0.03, 0.03)
     assert loss.beta == pytest.approx(1 / 9)
-    assert loss.proposals_per_part == 40
+    assert loss.proposals_per_part == 40 and loss.proposals_at_empty_cells is True
     d = cfg.model.decode
     assert (d.top_k, d.score_threshold, d.oks_threshold, d.flip_test) == (30, 0.01, 0.7, True)
     assert (d.nms_large_size, d.nms_medium_size, list(d.scales)) == (300.0, 200.0, [1.0])
@@ -79,11 +81,16 @@ def test_spec_defaults(tmp_path):
 
 @pytest.mark.parametrize("experiment,expected", [
     ("crowdpose_w32_512", dict(epochs=300, milestones=[200, 260], batch=20, refine=3,
-                               min_part_area=0.0, layout="crowdpose", protocol="crowdpose")),
+                               min_part_area=0.0, layout="crowdpose", protocol="crowdpose",
+                               ignore_regions=False, min_image_keypoints=None)),
     ("coco_w32_512", dict(epochs=140, milestones=[90, 120], batch=20, refine=2,
-                          min_part_area=1024.0, layout="coco", protocol="coco")),
-    ("ochuman_w32_512", dict(epochs=140, milestones=[90, 120], batch=10, refine=2,
-                             min_part_area=0.0, layout="ochuman", protocol="coco")),
+                          min_part_area=1024.0, layout="coco", protocol="coco",
+                          ignore_regions=True, min_image_keypoints=10)),
+    # the published experiments/ochuman.yaml: 3 refine layers, and the 32^2 part-area rule
+    # of lib/dataset/dataset.py (every dataset but CrowdPose)
+    ("ochuman_w32_512", dict(epochs=140, milestones=[90, 120], batch=10, refine=3,
+                             min_part_area=1024.0, layout="ochuman", protocol="coco",
+                             ignore_regions=False, min_image_keypoints=None)),
 ])
 def test_recipes(tmp_path, experiment, expected):
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
@@ -93,6 +100,8 @@ def test_recipes(tmp_path, experiment, expected):
     assert cfg.trainer.devices == 2
     assert cfg.model.network.refine_layers == expected["refine"]
     assert cfg.data.targets.min_part_area == expected["min_part_area"]
+    assert cfg.data.people.ignore_regions == expected["ignore_regions"]
+    assert cfg.data.people.min_image_keypoints == expected["min_image_keypoints"]
     assert cfg.layout.name == expected["layout"] and cfg.data.protocol == expected["protocol"]
     assert cfg.data.input_size == 512 and cfg.model.optimizer.lr == 0.001
     assert cfg.trainer.strategy._target_ == "pinet_lightning.cli.ddp.HydraDDPStrategy"
@@ -138,8 +147,11 @@ def test_data_options_instantiate(tmp_path, data):
     assert dm.layout.name == layout
     assert dm.protocol == cfg.data.protocol
     assert dm.test_annotation_file is not None
-    if data == "coco":
+    if data in ("coco", "ochuman"):
         assert dm.targets["min_part_area"] == 1024.0
+    coco = data == "coco"
+    assert dm.people == {"ignore_regions": coco, "min_image_keypoints": 10 if coco else None}
+    assert dm.augmentation["max_translate"] == 0.2 and dm.augmentation["ignore_padding"]
 
 
 def test_custom_data_requires_paths(tmp_path):

@@ -74,10 +74,13 @@ def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
     empty = {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": [0] * 3 * K,
              "num_keypoints": 0, "bbox": [0, 48, 16, 16]}  # no segmentation: its box  # fmt: skip
     img_dir, ann = _write(tmp_path, [_person(8, 8), crowd, empty])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY)
+    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
+                             ignore_regions=True)  # COCO's choice  # fmt: skip
     _, info, anns = ds.load(0)
     kps, boxes, mask = ds.people(anns, 64, 64)
-    assert kps.shape == (1, K, 3) and boxes.tolist() == [[8, 8, K, K]]
+    # the empty non-crowd annotation is a person (no keypoints: no targets), the crowd not
+    assert kps.shape == (2, K, 3) and boxes.tolist() == [[8, 8, K, K], [0, 48, 16, 16]]
+    assert (kps[1, :, 2] == 0).all()
     assert mask[:16, 40:].min() == 0 and mask[2:14, 42:62].max() == 0
     assert mask[48:, :16].max() == 0
     assert mask[20:40, 10:30].min() == 1
@@ -86,6 +89,70 @@ def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
     assert torch.all(hm[:, 0:3, 11:15] == 0)  # crowd region at output stride 4
     assert torch.all(hm[:, 13:, 0:3] == 0)
     assert torch.all(hm[:, 6:9, 6:9] > 0)
+    # CrowdPose / OCHuman (the default): no ignore mask
+    plain = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY)
+    assert plain.people(anns, 64, 64)[2].min() == 1
+    assert torch.all(plain[0]["heatmap_mask"] > 0)
+
+
+def test_crowdpose_head_and_neck_only_people_are_trained_on(tmp_path):
+    # CrowdPose's num_keypoints counts the 12 body joints only: a person with just head (12)
+    # and neck (13) labelled has num_keypoints 0 but is a person (v flags decide).
+    kp = np.zeros((K, 3))
+    kp[12] = [40.0, 30.0, 2]
+    kp[13] = [40.0, 38.0, 1]
+    head_only = {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                 "keypoints": kp.reshape(-1).tolist(), "num_keypoints": 0,
+                 "bbox": [30, 24, 20, 24]}  # fmt: skip
+    img_dir, ann = _write(tmp_path, [_person(4, 4), head_only])
+    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
+                             targets={"sigma": 1.0})  # fmt: skip
+    kps, _, mask = ds.people(ds.load(0)[2], 64, 64)
+    assert len(kps) == 2 and mask.min() == 1
+    s = ds[0]
+    # head at input (40, 30) -> cell (9.625, 7.125): its Gaussian is there, not masked
+    assert s["heatmaps"][12, 7, 10] > 0.6 and s["heatmaps"][13].max() > 0.6
+    assert torch.all(s["heatmap_mask"][:, 5:12, 6:13] > 0)
+    head = get_layout("crowdpose").part_names.index("head")
+    assert s["part_heatmaps"][head, 7:10, 8:12].max() > 0.6  # its head part center
+    assert s["offset_weights"][head * K * 2: (head + 1) * K * 2, 7:11, 8:12].max() > 0
+
+
+def test_padding_is_ignored_by_the_heatmap_loss(tmp_path):
+    img_dir, ann = _write(tmp_path, [_person(20, 20)])
+    zoom_out = {**IDENTITY, "min_scale": 2.0, "max_scale": 2.0}  # image = central half
+    s = CocoKeypointDataset(img_dir, ann, train=True, input_size=64,
+                            augmentation=zoom_out)[0]  # fmt: skip
+    # 16 x 16 output cells; the image covers the central 8 x 8, the rest is padding
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 4:12] = True
+    assert torch.all(s["heatmap_mask"][:, ~inside] == 0)
+    assert torch.all(s["part_mask"][:, ~inside] == 0)
+    assert torch.all(s["heatmap_mask"][:, inside] > 0)
+    kept = CocoKeypointDataset(img_dir, ann, train=True, input_size=64,
+                               augmentation={**zoom_out, "ignore_padding": False})[0]
+    assert torch.all(kept["heatmap_mask"] > 0)
+
+
+def test_image_filters(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in range(1, 5)]
+
+    def labelled(n, image_id, ann_id):
+        a = _person(5, 5, image_id=image_id, ann_id=ann_id)
+        a["keypoints"] = [v if i % 3 < 2 or i // 3 < n else 0 for i, v in
+                          enumerate(a["keypoints"])]  # fmt: skip
+        a["num_keypoints"] = 0  # ignored: the v flags count
+        return a
+
+    crowd = {"id": 9, "image_id": 3, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 3 * K,
+             "num_keypoints": 0, "bbox": [0, 0, 8, 8]}  # fmt: skip
+    anns = [labelled(10, 1, 1), labelled(6, 2, 2), labelled(6, 2, 3), crowd]  # image 4: none
+    img_dir, ann = _write(tmp_path, anns, images)
+    # CrowdPose / OCHuman: every image with at least one annotation, even a crowd region
+    assert CocoKeypointDataset(img_dir, ann, input_size=64).image_ids == [1, 2, 3]
+    # COCO: labelled keypoints (v > 0) summing to more than 10
+    coco = CocoKeypointDataset(img_dir, ann, input_size=64, min_image_keypoints=10)
+    assert coco.image_ids == [2]
 
 
 def test_train_sample_shapes_and_keypoint_cells(tmp_path):
@@ -114,7 +181,7 @@ def test_train_mode_skips_images_without_people(tmp_path, caplog):
     with caplog.at_level("INFO", logger="pinet_lightning.datasets"):
         train = CocoKeypointDataset(img_dir, ann, train=True, input_size=64)
     assert train.image_ids == [2]
-    assert "skipped 1" in caplog.text
+    assert "skipped 1 without annotations" in caplog.text
     assert CocoKeypointDataset(img_dir, ann, train=False, input_size=64).image_ids == [1, 2]
 
 

@@ -197,3 +197,41 @@ def test_refinement_matches_proposal_major_reference():
     out = pr(feats, poses, cells, batch_index)
     assert ref.abs().max() > 0.1
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_heads_keep_float32_offsets_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    heads = PPGHeads(C, 14, 3)
+    with torch.no_grad():  # offsets of about 50 cells, as for a person far from its part
+        heads.offset.weight.normal_(0.0, 0.05, generator=g)
+        heads.offset.bias.uniform_(45.0, 55.0, generator=g)
+    features = torch.randn(2, C, H, W, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # the backbone's features arrive in bf16 under autocast
+        outputs = heads(features.to(torch.bfloat16))
+    exact = heads(features.to(torch.bfloat16).float())  # float32 throughout
+    for out, same_input in zip(outputs, exact, strict=True):
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, same_input, rtol=0, atol=1e-5)
+    # bf16 would put 50-cell offsets on a 0.25-cell grid: the check above can tell
+    offsets = exact[2]
+    assert (offsets.bfloat16().float() - offsets).abs().max() > 0.05
+
+
+def test_refinement_output_is_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    pr = PoseRefinement(C, get_layout("crowdpose"), num_layers=1)
+    with torch.no_grad():
+        pr.output.weight.normal_(0.0, 0.1, generator=g)
+        pr.output.bias.uniform_(45.0, 55.0, generator=g)
+    seen = {}
+    pr.output.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    feats = torch.randn(2, C, H, W, generator=g)
+    poses = torch.rand(6, 14, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])
+    cells = torch.randint(0, H, (6, 2), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pr(feats, poses, cells, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert out.dtype == torch.float32
+    expected = F.linear(seen["x"].float(), pr.output.weight, pr.output.bias).view(6, 14, 2)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-5)
+    assert (expected.bfloat16().float() - expected).abs().max() > 0.05

@@ -109,14 +109,16 @@ def test_refine_loss_matches_manual_computation_on_valid_proposals():
     losses = PINetLoss(proposals_per_part=40)(outputs, targets, net)
     props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"], K, 40)
     valid = props.valid
-    assert int(valid.sum()) == 8  # 4 per image for part 0, none for part 1
+    # 4 per image for part 0; part 1 has no cell in any image: 40 per image, all weight 0
+    assert int(valid.sum()) == 8 + 2 * 40
     # Image 1 keeps its 4 best cells: the two 0.95 cells and the 0.9, 0.8 ones.
-    sel = valid & (props.batch_index == 1)
+    sel = valid & (props.batch_index == 1) & (props.part_index == 0)
     assert {tuple(c) for c in props.cells[sel].tolist()} == {(6, 6), (7, 6), (3, 3), (4, 3)}
     w = torch.zeros(len(props), K, 2)
     for n in torch.nonzero(valid).flatten().tolist():
         b, x, y = int(props.batch_index[n]), *props.cells[n].tolist()
-        w[n] = targets["offset_weights"][b, : K * 2, y, x].view(K, 2)
+        part = int(props.part_index[n])
+        w[n] = targets["offset_weights"][b, part * K * 2 : (part + 1) * K * 2, y, x].view(K, 2)
     per_entry = 0.5 * 0.2**2 / BETA if 0.2 < BETA else 0.2 - BETA / 2
     expected = (per_entry * w).sum() / (w > 0).sum()
     assert torch.isclose(losses["refine"], expected)
@@ -128,6 +130,45 @@ def test_refine_loss_matches_manual_computation_on_valid_proposals():
     coarse = outputs["offsets"][b, : K * 2, y, x].view(K, 2)
     assert torch.allclose(call["poses"][n], torch.tensor([x, y]) - coarse)
     assert torch.equal(call["valid"], valid)
+
+
+def _smooth_l1(d: torch.Tensor) -> torch.Tensor:
+    """The published smooth L1 (lib/loss/refineloss.py's formula), beta = 1/9."""
+    d = d.abs()
+    return torch.where(d < BETA, 0.5 * d**2 / BETA, d - 0.5 * BETA)
+
+
+def test_image_lacking_a_part_still_refines_40_proposals_per_image():
+    outputs, targets = _batch(3)
+    # Image 1 loses part 0: the fewest positive cells is 0, so m = 40 for every image.
+    targets["part_heatmaps"][1, 0] = 0.0
+    targets["offset_weights"][1] = 0.0
+    targets["offsets"][1] = 0.0
+    g = torch.Generator().manual_seed(5)
+    outputs["offsets"] = (targets["offsets"] + 0.3 * torch.randn(targets["offsets"].shape,
+                                                                 generator=g)).requires_grad_()
+    net = ZeroRefineNet(0.05)
+    losses = PINetLoss(proposals_per_part=40)(outputs, targets, net)
+    call = net.calls[-1]
+    props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"], K, 40)
+    for image in (0, 1):
+        block = (props.batch_index == image) & (props.part_index == 0)
+        assert int(block.sum()) == 40 and bool(call["valid"][block].all())
+    # By hand, the published definition: image 0's 4 part-0 cells carry every weighted
+    # entry (the other 36 proposals of image 0 and all 40 of image 1 have weight 0);
+    # loss = sum(smooth L1(coarse + correction - target) * weight) / #(weight > 0).
+    num = torch.zeros(())
+    count = 0
+    for y in (2, 3):
+        for x in (3, 4):
+            coarse = outputs["offsets"][0, : K * 2, y, x].detach()
+            target = targets["offsets"][0, : K * 2, y, x]
+            weight = targets["offset_weights"][0, : K * 2, y, x]
+            num = num + (_smooth_l1(coarse + 0.05 - target) * weight).sum()
+            count += int((weight > 0).sum())
+    assert count == 4 * K * 2
+    assert torch.isclose(losses["refine"], num / count, rtol=1e-5)
+    assert losses["refine"] > 0
 
 
 def test_refine_loss_gradients_reach_refine_and_not_coarse_offsets():

@@ -38,6 +38,11 @@ def test_scores_are_heatmap_times_max_weight():
     assert (score > 0).sum() == 1
 
 
+def _block_valid(props, image: int, part: int):
+    """Validity of the (image, part) block's proposals in rank order."""
+    return props.valid[(props.batch_index == image) & (props.part_index == part)]
+
+
 def test_top_m_with_fewest_positives_rule():
     # Image 0 has 3 positive cells for part 0, image 1 has 5: m = 3 for part 0.
     img0 = [(0, 0, 0.9), (3, 1, 0.7), (5, 4, 0.5)]
@@ -49,9 +54,9 @@ def test_top_m_with_fewest_positives_rule():
     assert props.cells.shape == (2 * P * k, 2) and props.cells.dtype == torch.long
     assert _valid_cells(props, 0, 0) == {(0, 0), (3, 1), (5, 4)}
     assert _valid_cells(props, 1, 0) == {(1, 1), (2, 2), (4, 3)}  # the 3 best of image 1
-    # Part 1 has no positives anywhere: m = 40 by default, but nothing counts.
-    assert _valid_cells(props, 0, 1) == set() and _valid_cells(props, 1, 1) == set()
-    assert int(props.valid.sum()) == 6
+    # Part 1 has no positives anywhere: m = 40 for every image, zero-score cells included.
+    assert int(_block_valid(props, 0, 1).sum()) == 40 == int(_block_valid(props, 1, 1).sum())
+    assert int(props.valid.sum()) == 6 + 80
     # The first proposal of each (image, part) block is the best cell.
     assert tuple(props.cells[0].tolist()) == (0, 0)
     assert tuple(props.cells[P * k].tolist()) == (1, 1)
@@ -67,10 +72,27 @@ def test_cap_at_max_per_part():
     assert _valid_cells(props, 1, 0) == {(2, 2), (3, 2), (4, 2), (5, 2)}
 
 
-def test_image_without_part_gives_no_proposals_for_that_part():
+def test_image_without_part_gives_the_cap_to_every_image():
+    # The published trainer: image 1 has no cell for part 0, so the fewest positives is 0
+    # and every image refines the cap (40) of them, its 2 positives first, then empty cells.
     ph, w = _targets([[(1, 1, 0.9), (2, 2, 0.8)], []])
-    props = sample_proposals(ph, w, K)
-    assert int(props.valid.sum()) == 0  # fewest positives = 0 (image 1) -> m = 0
+    props = sample_proposals(ph, w, K, max_per_part=40)
+    for image in (0, 1):
+        valid = _block_valid(props, image, 0)
+        assert valid.shape == (40,) and bool(valid.all())
+    first = (props.batch_index == 0) & (props.part_index == 0)
+    assert [tuple(c) for c in props.cells[first][:2].tolist()] == [(1, 1), (2, 2)]
+    assert props.scores[first][2:].eq(0).all()
+    # The other choice counts only positive cells: image 0 keeps 2, image 1 none.
+    props = sample_proposals(ph, w, K, max_per_part=40, empty_cells=False)
+    assert _valid_cells(props, 0, 0) == {(1, 1), (2, 2)}
+    assert int(_block_valid(props, 1, 0).sum()) == 0
+
+
+def test_cap_larger_than_the_map():
+    ph, w = _targets([[(1, 1, 0.9)], []])
+    props = sample_proposals(ph, w, K, max_per_part=1000)  # h * w = 48 cells a map
+    assert len(props) == 2 * P * H * W and bool(props.valid.all())
 
 
 def test_gather_at_cells_reads_the_part_channels():

@@ -222,7 +222,7 @@ def test_keypoint_outside_the_map():
     # the published rule (every v > 0 keypoint) puts p1's center at (9.75, 3), p0's outside
     c, exists = part_centers(kp, TINY, (8, 10), in_map=False)
     np.testing.assert_allclose(c[0, 1], [9.75, 3.0])
-    assert exists.tolist() == [[False, True]]
+    assert exists.tolist() == [[True, True]]  # p0's center (-0.5, 2): int(-0.5) = 0
     c, exists = part_centers(kp, TINY, (8, 10))
     np.testing.assert_allclose(c[0, 1], [9.5, 3.0])
     out = encode_targets(kp, [4.0], TINY, (8, 10), sigma=1.0)  # default: the SPEC rule
@@ -236,6 +236,34 @@ def test_keypoint_outside_the_map():
     out = encode_targets(nan, [4.0], TINY, (8, 10))
     assert all(np.isfinite(v).all() for v in out.values())
     assert (out["heatmaps"] == 0).all() and (out["offset_weights"] == 0).all()
+
+
+def test_center_just_left_of_the_map_claims_cells_0_and_1():
+    # p1 = [k1, k2]: k1 at x = -1.4 (off the map), k2 at x = 1.0: center (-0.2, 4).
+    # Published (OffsetGenerator): int(-0.2) = 0 is in the map, so the center writes offsets
+    # on int(cx) - 2 <= i < int(cx) + 2 -> cells 0 and 1, rows 2..5; the part Gaussian
+    # (HeatmapGenerator skips x < 0) is not drawn.
+    kp = _people([(2.0, 2.0, 2), (-1.4, 4.0, 2), (1.0, 4.0, 1)])
+    out = encode_targets(kp, [64.0], TINY, (8, 10), sigma=1.0)
+    w, off = out["offset_weights"], out["offsets"]
+    for k in (0, 2):  # the keypoints inside the map; k1 has no target
+        x_k, y_k = kp[0, k, :2]
+        claimed = w[_ch(1, k, 0)] > 0
+        assert np.argwhere(claimed).tolist() == [[j, i] for j in (2, 3, 4, 5) for i in (0, 1)]
+        assert (w[_ch(1, k, 1)][claimed] == np.float32(1 / 8)).all()
+        for j in (2, 3, 4, 5):
+            for i in (0, 1):
+                assert off[_ch(1, k, 0), j, i] == np.float32(i - x_k)
+                assert off[_ch(1, k, 1), j, i] == np.float32(j - y_k)
+    assert (w[_ch(1, 1, 0)] == 0).all()
+    assert (out["part_heatmaps"][1] == 0).all() and (out["part_mask"][1] == np.float32(BG)).all()
+    c, exists = part_centers(kp, TINY, (8, 10), in_map=False)
+    np.testing.assert_allclose(c[0, 1], [-0.2, 4.0])
+    assert exists.tolist() == [[True, True]]
+    # int(-1.0) = -1: a center at x = -1 is off the map, as is one at y = 8 (= H)
+    for k1 in ((-3.0, 4.0, 2), (1.0, 12.0, 2)):
+        out = encode_targets(_people([(2.0, 2.0, 2), k1, (1.0, 4.0, 1)]), [64.0], TINY, (8, 10))
+        assert (out["offset_weights"][_ch(1, 0, 0):] == 0).all()
 
 
 def test_min_part_area():
@@ -356,9 +384,12 @@ def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area, in_
             if not pts:
                 continue
             cx, cy = np.mean(pts, axis=0)
-            if not (0 <= cx < w and 0 <= cy < h):  # a center off the map writes nothing
+            # published: offsets when int() of the center is in the map (int truncates),
+            # the Gaussian only when the center itself is
+            if not (0 <= int(cx) < w and 0 <= int(cy) < h):
                 continue
-            splat(parts, pmask, p, cx, cy)
+            if 0 <= cx < w and 0 <= cy < h:
+                splat(parts, pmask, p, cx, cy)
             for j in range(int(cy) - radius, int(cy) + radius):
                 for i in range(int(cx) - radius, int(cx) + radius):
                     if not (0 <= i < w and 0 <= j < h):

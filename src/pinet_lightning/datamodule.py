@@ -51,6 +51,10 @@ _AUGMENTATION_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(TrainAugmentation).parameters.items()
     if name not in ("flip_index", "input_size", "seed")
 }
+_PEOPLE_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(CocoKeypointDataset).parameters.items()
+    if name in ("ignore_regions", "min_image_keypoints")
+}
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 
 
@@ -99,6 +103,7 @@ class PINetDataModule(pl.LightningDataModule):
         output_stride: int = 4,
         targets: Mapping[str, Any] | None = None,
         augmentation: Mapping[str, Any] | None = None,
+        people: Mapping[str, Any] | None = None,
         batch_size: int = 20,
         eval_batch_size: int = 1,
         num_workers: int = 4,
@@ -115,6 +120,11 @@ class PINetDataModule(pl.LightningDataModule):
         # the effective settings: the codec's / augmentation's own defaults, then the overrides
         self.targets = {**_TARGET_DEFAULTS, **dict(targets or {})}
         self.augmentation = {**_AUGMENTATION_DEFAULTS, **dict(augmentation or {})}
+        unknown = sorted(set(people or {}) - set(_PEOPLE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown data.people keys {unknown}; known: "
+                             f"{sorted(_PEOPLE_DEFAULTS)}")  # fmt: skip
+        self.people = {**_PEOPLE_DEFAULTS, **dict(people or {})}  # which images and people
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
@@ -191,7 +201,7 @@ class PINetDataModule(pl.LightningDataModule):
         return CocoKeypointDataset(
             entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
             output_stride=self.output_stride, targets=self.targets,
-            augmentation=self.augmentation,
+            augmentation=self.augmentation, **self.people,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:

@@ -14,11 +14,18 @@ Choices:
   mask is shrunk by area averaging, which uses the same alignment.
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
-- Ignore mask (0 = ignore): crowd regions (``iscrowd`` 1) and annotated people with no
-  keypoints, from their segmentation (RLE or polygons, pycocotools) or, without one, their
-  box. It is warped with the image and shrunk to the output size (a cell is ignored when
+- People (SPEC 2.0, the published dataset): every annotation that is not a crowd region,
+  plus crowd annotations with keypoints. "Has keypoints" is read from the v flags, never
+  from ``num_keypoints`` (CrowdPose's counts only its 12 body joints, not head and neck).
+- Ignore mask (0 = ignore), ``ignore_regions=True`` (COCO): crowd regions (``iscrowd`` 1)
+  and annotated people with no keypoints, from their segmentation (RLE or polygons,
+  pycocotools) or, without one, their box. CrowdPose and OCHuman have none (the default).
+  The padding the augmentation brings in is ignored too (``augmentation.ignore_padding``).
+  The mask is warped with the image and shrunk to the output size (a cell is ignored when
   at least half of it is).
-- Train mode keeps the images with at least one non-crowd person with keypoints.
+- Train mode keeps every image with at least one annotation (CrowdPose, OCHuman), or with
+  ``min_image_keypoints=n`` those whose annotations' labelled keypoints (v > 0) sum to more
+  than n (COCO: 10). Eval mode keeps every image.
 
 Official layouts of the path presets (:func:`dataset_paths`):
 
@@ -123,8 +130,12 @@ class CocoKeypointDataset(Dataset):
         output_stride: input pixels per output cell.
         targets: codec settings (``sigma``, ``radius``, ``bg_weight``, ``min_part_area``, ...).
         augmentation: ``max_rotation``, ``min_scale``, ``max_scale``, ``max_translate``,
-            ``flip_prob``.
+            ``flip_prob``, ``ignore_padding``.
         multiple: the inference long side is rounded up to a multiple of this.
+        ignore_regions: the heatmap loss ignores crowd regions and people without keypoints
+            (COCO); False: no ignore mask besides the padding (CrowdPose, OCHuman).
+        min_image_keypoints: train on an image when its annotations' labelled keypoints sum
+            to more than this (COCO: 10); None: every image with an annotation.
     """
 
     def __init__(
@@ -138,6 +149,8 @@ class CocoKeypointDataset(Dataset):
         targets: Mapping[str, Any] | None = None,
         augmentation: Mapping[str, Any] | None = None,
         multiple: int = 64,
+        ignore_regions: bool = False,
+        min_image_keypoints: int | None = None,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -157,16 +170,21 @@ class CocoKeypointDataset(Dataset):
         self.input_size = int(input_size)
         self.output_stride = int(output_stride)
         self.multiple = int(multiple)
+        self.ignore_regions = bool(ignore_regions)
+        self.min_image_keypoints = None if min_image_keypoints is None else int(
+            min_image_keypoints)
         self.cell_offset = (self.output_stride - 1) / 2.0  # output cell center in input px
         self.coco = _load_coco(self.annotation_file)
         self._check_keypoint_count()
         ids = sorted(self.coco.getImgIds())
         if self.train:
-            keep = [i for i in ids if self._has_people(i)]
+            keep = [i for i in ids if self._keep_for_training(i)]
             skipped = len(ids) - len(keep)
             if skipped:
-                log.info("%s: training on %d images, skipped %d without annotated keypoints",
-                         self.annotation_file.name, len(keep), skipped)  # fmt: skip
+                why = ("without annotations" if self.min_image_keypoints is None else
+                       f"with {self.min_image_keypoints} labelled keypoints or fewer")
+                log.info("%s: training on %d images, skipped %d %s",
+                         self.annotation_file.name, len(keep), skipped, why)  # fmt: skip
             ids = keep
         self.image_ids = ids
         self._seeded_for: int | None = None
@@ -201,10 +219,14 @@ class CocoKeypointDataset(Dataset):
 
     @staticmethod
     def _is_person(ann: dict) -> bool:
-        return not ann.get("iscrowd", 0) and _num_keypoints(ann) > 0
+        """Not a crowd region, or a crowd annotation with keypoints (SPEC 2.0)."""
+        return not ann.get("iscrowd", 0) or _num_labelled(ann) > 0
 
-    def _has_people(self, image_id: int) -> bool:
-        return any(self._is_person(a) for a in self._annotations(image_id))
+    def _keep_for_training(self, image_id: int) -> bool:
+        anns = self._annotations(image_id)
+        if self.min_image_keypoints is None:
+            return len(anns) > 0
+        return sum(_num_labelled(a) for a in anns) > self.min_image_keypoints
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -220,16 +242,19 @@ class CocoKeypointDataset(Dataset):
         return image, info, self._annotations(image_id)
 
     def people(self, anns: list[dict], height: int, width: int) -> tuple[np.ndarray, ...]:
-        """Keypoints (N, K, 3), boxes (N, 4) xywh, ignore mask (H, W) uint8 (0 = ignore)."""
+        """Keypoints (N, K, 3), boxes (N, 4) xywh, ignore mask (H, W) uint8 (0 = ignore; all
+        1 unless ``ignore_regions``)."""
         k = self.layout.num_keypoints
         persons = [a for a in anns if self._is_person(a)]
-        kps = np.array([a["keypoints"] for a in persons], dtype=np.float64).reshape(-1, k, 3)
+        kps = np.array([a.get("keypoints") or [0.0] * (3 * k) for a in persons],
+                       dtype=np.float64).reshape(-1, k, 3)  # fmt: skip
         boxes = np.array([a.get("bbox") or _hull(kp) for a, kp in zip(persons, kps, strict=True)],
                          dtype=np.float64).reshape(-1, 4)  # fmt: skip
         mask = np.ones((height, width), np.uint8)
-        for a in anns:
-            if a.get("iscrowd", 0) or _num_keypoints(a) == 0:
-                mask[_region(a, height, width) > 0] = 0
+        if self.ignore_regions:
+            for a in anns:
+                if a.get("iscrowd", 0) or _num_labelled(a) == 0:
+                    mask[_region(a, height, width) > 0] = 0
         return kps, boxes, mask
 
     # ------------------------------------------------------------------ samples
@@ -269,11 +294,10 @@ class CocoKeypointDataset(Dataset):
         return sample
 
 
-def _num_keypoints(ann: dict) -> int:
-    if "num_keypoints" in ann:
-        return int(ann["num_keypoints"])
-    kp = ann.get("keypoints") or []
-    return int(sum(1 for v in kp[2::3] if v > 0))
+def _num_labelled(ann: dict) -> int:
+    """Keypoints with v > 0, from the flags (CrowdPose's num_keypoints skips head and neck)."""
+    flags = np.asarray(ann.get("keypoints") or [], dtype=np.float64)[2::3]
+    return int((flags > 0).sum())
 
 
 def _hull(kp: np.ndarray) -> list[float]:

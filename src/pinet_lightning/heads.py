@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["PPGHeads"]
@@ -12,6 +13,10 @@ class PPGHeads(nn.Module):
 
     Weights start normal(std ``init_std`` = 0.001) and biases 0, so the first predictions
     are close to zero everywhere.
+
+    The heads run in float32 even under bf16 autocast (the backbone stays bf16): bf16 keeps
+    8 significant bits, so offsets of 32-128 cells would fall on a grid of 0.25-0.5 cell
+    (1-2 input pixels). Three 1x1 convolutions cost little next to the backbone.
     """
 
     def __init__(self, in_channels: int, num_keypoints: int, num_parts: int,
@@ -28,5 +33,7 @@ class PPGHeads(nn.Module):
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, h, w) -> heatmaps (B, K, h, w), part heatmaps (B, P, h, w),
-        offsets (B, P*K*2, h, w)."""
-        return self.heatmap(features), self.part_heatmap(features), self.offset(features)
+        offsets (B, P*K*2, h, w), all float32."""
+        with torch.autocast(features.device.type, enabled=False):
+            x = features.float()
+            return self.heatmap(x), self.part_heatmap(x), self.offset(x)

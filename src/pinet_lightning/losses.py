@@ -3,7 +3,7 @@
 Contract for the LightningModule::
 
     criterion = PINetLoss(heatmap_weight=1.0, offset_weight=0.03, refine_weight=0.03,
-                          beta=1 / 9, proposals_per_part=40)
+                          beta=1 / 9, proposals_per_part=40, proposals_at_empty_cells=True)
     outputs = net(batch["image"])          # PINet.forward dict
     losses = criterion(outputs, batch, net)  # batch: the six encode_targets keys (extra keys ok)
     losses["loss"].backward()
@@ -15,6 +15,13 @@ PINet (or the un-compiled ``_orig_mod`` of a compiled one). Everything runs on t
 the outputs without host syncs: the proposal count m of SPEC 4 is applied as a mask over a
 fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.proposals`), so the
 shapes are static. Losses are computed in float32 even under bf16 autocast.
+
+Refine loss, as the published trainer computes it: all valid proposals (B * m per part; m is
+the cap for every image when one image of the batch lacks the part) are refined, and the
+smooth L1 of (refined - target offsets) is weighted by the target offset weights at the
+proposals' cells, summed and divided by the number of weighted entries. Proposals on cells no
+person claimed carry weight 0: they add nothing to the loss but shape the refinement's
+batch-norm statistics.
 """
 
 from __future__ import annotations
@@ -87,12 +94,17 @@ class PINetLoss(nn.Module):
         heatmap_weight, offset_weight, refine_weight: loss weights (1.0, 0.03, 0.03).
         beta: smooth L1 transition point (1/9).
         proposals_per_part: the cap 40 on training proposals per part and image.
+        proposals_at_empty_cells: True (published): when an image of the batch lacks a
+            part, every image refines ``proposals_per_part`` proposals of it, zero-score
+            cells included (they enter the batch-norm statistics); False: only cells with a
+            positive score count (:func:`~pinet_lightning.proposals.sample_proposals`).
     """
 
     def __init__(self, heatmap_weight: float = 1.0, offset_weight: float = 0.03,
                  refine_weight: float = 0.03, beta: float = 1 / 9,
-                 proposals_per_part: int = 40) -> None:
+                 proposals_per_part: int = 40, proposals_at_empty_cells: bool = True) -> None:
         super().__init__()
+        self.proposals_at_empty_cells = bool(proposals_at_empty_cells)
         self.heatmap_weight = heatmap_weight
         self.offset_weight = offset_weight
         self.refine_weight = refine_weight
@@ -121,7 +133,8 @@ class PINetLoss(nn.Module):
         """Sample the training proposals, refine them with ``net.refine``, return the loss."""
         num_keypoints = outputs["heatmaps"].shape[1]
         props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"],
-                                 num_keypoints, self.proposals_per_part)
+                                 num_keypoints, self.proposals_per_part,
+                                 empty_cells=self.proposals_at_empty_cells)
         # The coarse poses come from the predicted offsets, detached (SPEC 4).
         coarse = gather_at_cells(outputs["offsets"].detach(), props.cells, props.batch_index,
                                  props.part_index, num_keypoints)

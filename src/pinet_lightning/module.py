@@ -65,7 +65,8 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     if name != "layout"
 }
 LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
-                                 "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40}
+                                 "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40,
+                                 "proposals_at_empty_cells": True}
 OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
 DECODE_DEFAULTS: dict[str, Any] = {"flip_test": True, "top_k": 30, "score_threshold": 0.01,
                                    "oks_threshold": 0.7, "scales": [1.0]}

@@ -2,13 +2,22 @@
 
 For each part, every output cell is scored by the part target heatmap times the largest of
 that part's offset weights; each image keeps its top m cells per part, with
-m = min(40, fewest positive cells of any image in the batch) (40 when no image has any).
+m = min(cap, fewest positive cells of any image in the batch), and m = cap (40) for every
+image when that fewest is 0, i.e. when any image of the batch lacks the part (the published
+trainer, lib/core/trainer.py). The proposals of such a batch include cells with score 0:
+they still run through the refinement network and its batch-norm statistics, and their
+offset weights (0 where no person claimed the cell) decide what they add to the loss.
 
 m depends on the data, and a data-dependent ``topk`` size would need a host sync (and give
-dynamic shapes). So we always take the top ``max_per_part`` (40) cells of every image and
-part and mark as valid only the first m of them that have a positive score. The refine loss
-and the refinement's batch norm statistics only see valid proposals, which makes this equal
-to sampling exactly m, at a fixed cost of B * P * 40 proposals.
+dynamic shapes). So we always take the top ``max_per_part`` (cap) cells of every image and
+part and mark the first m of them valid. The refine loss and the refinement's batch norm
+statistics only see valid proposals, which makes this equal to sampling exactly m, at a
+fixed cost of B * P * cap proposals.
+
+``empty_cells=False`` (``model.loss.proposals_at_empty_cells``) is the other choice: only
+cells with a positive score are valid, so a part missing from one image no longer brings
+zero-score cells into the batch-norm statistics (the loss is the same: those cells carry
+no offset weight).
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ class Proposals:
 
     cells: (N, 2) long, the source cell (x, y) in output cells.
     batch_index: (N,) long image index. part_index: (N,) long part index.
-    valid: (N,) bool, whether the proposal counts (rank < m and a positive score).
+    valid: (N,) bool, whether the proposal counts (rank < m; with ``empty_cells=False``
+        also a positive score).
     scores: (N,) float, the sampling score of the cell.
     """
 
@@ -54,7 +64,7 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints
 
 
 def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints: int,
-                     max_per_part: int = 40) -> Proposals:
+                     max_per_part: int = 40, empty_cells: bool = True) -> Proposals:
     """Sample the training proposals of a batch (SPEC 4) from its targets.
 
     Args:
@@ -62,18 +72,20 @@ def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoint
         offset_weights: (B, P*K*2, h, w) target offset weights.
         num_keypoints: K.
         max_per_part: the cap on proposals per image and part (40).
+        empty_cells: True (published): the first m cells are valid whatever their score;
+            False: only those with a positive score.
     """
     score = proposal_scores(part_heatmaps, offset_weights, num_keypoints)
     b, p, h, w = score.shape
     flat = score.reshape(b, p, h * w)
     k = min(max_per_part, h * w)
     values, index = flat.topk(k, dim=-1, sorted=True)  # (B, P, k)
-    positives = (flat > 0).sum(dim=-1)  # (B, P)
-    fewest = positives.amin(dim=0)  # (P,)
-    none = positives.amax(dim=0) == 0
-    m = torch.where(none, torch.full_like(fewest, max_per_part), fewest.clamp_max(max_per_part))
+    fewest = (flat > 0).sum(dim=-1).amin(dim=0)  # (P,) fewest positive cells of any image
+    m = torch.where(fewest == 0, torch.full_like(fewest, k), fewest.clamp_max(k))
     rank = torch.arange(k, device=score.device)
-    valid = (rank[None, None, :] < m[None, :, None]) & (values > 0)
+    valid = (rank[None, None, :] < m[None, :, None]).expand(b, p, k)
+    if not empty_cells:
+        valid = valid & (values > 0)
     cells = torch.stack([index % w, index // w], dim=-1)  # (B, P, k, 2) as (x, y)
     batch_index = torch.arange(b, device=score.device).view(b, 1, 1).expand(b, p, k)
     part_index = torch.arange(p, device=score.device).view(1, p, 1).expand(b, p, k)

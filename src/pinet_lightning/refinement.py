@@ -282,4 +282,7 @@ class PoseRefinement(nn.Module):
             x = block(x, self.adjacency, valid)
         pooled = torch.cat([x.mean(dim=0), x.amax(dim=0), source.to(x.dtype)], dim=1)
         y = F.relu(self.readout_norm(self.readout(pooled), valid))
-        return self.output(y).view(n, k, 2)
+        # The correction is added to float32 offsets: the last layer runs in float32 also
+        # under bf16 autocast (bf16's 8 significant bits: errors up to c / 256 on c cells).
+        with torch.autocast(y.device.type, enabled=False):
+            return self.output(y.float()).view(n, k, 2)

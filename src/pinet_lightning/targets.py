@@ -12,17 +12,19 @@ open, fixed here and tested in tests/test_targets.py:
   map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))`` at the exact
   sub-cell point; people combine by maximum. The loss mask is 1 on the union of windows.
 - Part center (default, SPEC 2.2 and the published code): mean of the part's keypoints with
-  ``v > 0``, in the map or not; a center outside the map writes no Gaussian and no offsets.
+  ``v > 0``, in the map or not. As the published generators: it writes offsets when
+  ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map, and its Gaussian
+  only when ``0 <= cx < W`` and ``0 <= cy < H``; so a center at ``x = -0.2`` claims the
+  offset cells 0 and 1 but draws no part Gaussian (its cells then score 0 as proposals).
   ``part_center_in_map=True`` (data.targets.part_center_in_map) averages the keypoints that
   count (``v > 0`` *and* inside the map) instead: keypoints outside the map have no heatmap
   and no offset target, and a center built from them can leave the map (then the part
   writes nothing although some of its keypoints are visible) or sit far from what the
   network sees; the mean of in-map points is always in the map.
-- Offsets: for a center ``(cx, cy)`` the cells ``floor(cx) - r <= i < floor(cx) + r``,
-  ``floor(cy) - r <= j < floor(cy) + r`` (``int`` of the SPEC; equal for in-map centers),
-  clipped. Where several people claim one cell and channel the smaller box area keeps it;
-  equal areas go to the lower person index (deterministic, independent of numpy's write
-  order).
+- Offsets: for a center ``(cx, cy)`` the cells ``int(cx) - r <= i < int(cx) + r``,
+  ``int(cy) - r <= j < int(cy) + r`` (``int`` truncates toward zero, SPEC 2.4), clipped.
+  Where several people claim one cell and channel the smaller box area keeps it; equal
+  areas go to the lower person index (deterministic, independent of numpy's write order).
 - Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
 """
 
@@ -117,8 +119,8 @@ def part_centers(
     """Part centers ``(N, P, 2)`` and whether each exists ``(N, P)`` bool.
 
     A center is the mean of the part's keypoints with ``v > 0`` (and inside the map when
-    ``in_map``); a part with none of them has no center, and a center outside the map
-    does not count.
+    ``in_map``); a part with none of them has no center, and a center counts when
+    ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map.
     """
     layout = get_layout(layout)
     kp, _, height, width, _ = _check_inputs(keypoints, None, layout, output_size, None)
@@ -140,13 +142,14 @@ def _part_centers(
     kp: np.ndarray, layout: Layout, height: int, width: int, use: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centers (N, P, 2) of the keypoints flagged in ``use`` (N, K) and whether each exists
-    (at least one keypoint, center inside the map)."""
+    (at least one keypoint, ``int()`` of the center inside the map)."""
     member = _part_membership(layout)  # (P, K)
     xy = np.where(use[..., None], kp[..., :2], 0.0)  # NaN-safe: unused points are zeroed
     total = member @ xy  # (N, P, 2)
     count = use @ member.T  # (N, P)
     centers = total / np.maximum(count, 1.0)[..., None]
-    cx, cy = centers[..., 0], centers[..., 1]
+    # int() truncates toward zero: a center at x = -0.2 is on cell 0 (the published rule)
+    cx, cy = np.trunc(centers[..., 0]), np.trunc(centers[..., 1])
     exists = (count > 0) & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
     return centers, exists
 
@@ -250,12 +253,15 @@ def encode_targets(
     has_center &= (ar >= min_part_area)[:, None]
     cn, cp = np.nonzero(has_center)  # (C,) person and part of each center
     center_xy = centers[cn, cp]
+    # The part Gaussian needs the center itself in the map (offsets only its int() cell).
+    drawn = (center_xy[:, 0] >= 0) & (center_xy[:, 0] < width) & (center_xy[:, 1] >= 0) & (
+        center_xy[:, 1] < height)
     hw = height * width
     heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
     loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
-    xy = np.concatenate([kp[vn, vk, :2], center_xy])
-    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp]), sigma, height, width,
-                    window_sigmas)
+    xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]])
+    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp[drawn]]), sigma, height,
+                    width, window_sigmas)
     heat = heat[:-1].reshape(k + p, height, width)
     loss_mask = loss_mask[:-1].reshape(k + p, height, width)
     if mask is not None:
@@ -301,7 +307,7 @@ def _offset_claims(
     rank = np.lexsort((cn, ar[cn]))
     cn, cp, center_xy = cn[rank], cp[rank], center_xy[rank]
     side = np.arange(2 * radius)
-    corner = np.floor(center_xy).astype(np.int64) - radius  # (C, 2)
+    corner = np.trunc(center_xy).astype(np.int64) - radius  # (C, 2), int() of the SPEC
     ci = corner[:, 0:1] + side  # (C, 2r) cell columns
     cj = corner[:, 1:2] + side  # (C, 2r) cell rows
     claim = (
