@@ -68,28 +68,37 @@ def test_shapes_dtypes_and_channel_order():
 
 
 def test_gaussian_window_values_exact():
-    kp = _people([(5, 5, 2), (0, 0, 0), (0, 0, 0)])
-    out = encode_targets(kp, np.array([100.0]), TINY, (12, 12), sigma=1.0)
+    # sigma 1: the window holds the cells with |d| < 3 sigma + 2 = 5 on each axis
+    kp = _people([(7, 7, 2), (0, 0, 0), (0, 0, 0)])
+    out = encode_targets(kp, np.array([100.0]), TINY, (16, 16), sigma=1.0)
     hm, mask = out["heatmaps"][0], out["heatmap_mask"][0]
-    assert hm[5, 5] == 1.0
-    assert hm[5, 6] == np.float32(math.exp(-0.5))
-    assert hm[8, 8] == np.float32(math.exp(-9.0))  # window corner: |d| = 3 sigma on both axes
-    assert hm[5, 9] == 0.0 and hm[9, 5] == 0.0  # just outside the window
-    window = np.zeros((12, 12), bool)
-    window[2:9, 2:9] = True
+    assert hm[7, 7] == 1.0
+    assert hm[7, 8] == np.float32(math.exp(-0.5))
+    assert hm[11, 11] == pytest.approx(math.exp(-16.0), rel=1e-6)  # corner: |d| = 4, 4
+    assert hm[7, 12] == 0.0 and hm[12, 7] == 0.0 and hm[2, 7] == 0.0  # |d| = 5: outside
+    window = np.zeros((16, 16), bool)
+    window[3:12, 3:12] = True  # 9 cells a side
     np.testing.assert_array_equal(mask, np.where(window, 1.0, BG).astype(np.float32))
     assert (hm[~window] == 0).all() and (hm[window] > 0).all()
     # keypoints k1, k2 absent: empty channels, background mask
     assert (out["heatmaps"][1:] == 0).all()
     assert (out["heatmap_mask"][1:] == np.float32(BG)).all()
-    # sub-cell point (5.5, 5.25): window cells x in [ceil(2.5), floor(8.5)] = 3..8, y 3..8
+    # sub-cell point (5.5, 5.25): x in (0.5, 10.5) -> 1..10, y in (0.25, 10.25) -> 1..10
     out = encode_targets(_people([(5.5, 5.25, 1), (0, 0, 0), (0, 0, 0)]), [1.0], TINY,
                          (12, 12), sigma=1.0)
     hm, mask = out["heatmaps"][0], out["heatmap_mask"][0]
     assert hm[5, 5] == np.float32(_gauss(0.5, 0.25, 1.0))
-    assert hm[8, 3] == np.float32(_gauss(2.5, 2.75, 1.0))
-    assert (mask[3:9, 3:9] == 1).all() and mask[2, 5] == np.float32(BG)
-    assert mask[9, 5] == np.float32(BG) and mask[5, 2] == np.float32(BG)
+    assert hm[10, 1] == np.float32(_gauss(4.5, 4.75, 1.0))
+    assert (mask[1:11, 1:11] == 1).all() and mask[0, 5] == np.float32(BG)
+    assert mask[11, 5] == np.float32(BG) and mask[5, 0] == np.float32(BG)
+    assert mask[5, 11] == np.float32(BG)
+    # sigma 2 (the SPEC's): 3 sigma + 2 = 8 cells, 15 a side for an integer point
+    out = encode_targets(_people([(20, 20, 2), (0, 0, 0), (0, 0, 0)]), [1.0], TINY, (40, 40),
+                         sigma=2.0)
+    ones = np.argwhere(out["heatmap_mask"][0] == 1.0)
+    assert ones.min(0).tolist() == [13, 13] and ones.max(0).tolist() == [27, 27]
+    assert len(ones) == 15 * 15
+    assert out["heatmaps"][0, 20, 27] == np.float32(math.exp(-49 / 8))
 
 
 def test_two_people_heatmaps_combine_by_maximum():
@@ -105,11 +114,12 @@ def test_person_at_border_clips_windows_and_offset_cells():
     kp = _people([(0.5, 1.0, 2), (3, 4, 2), (0, 0, 0)])
     out = encode_targets(kp, [16.0], TINY, (10, 10), sigma=1.0)
     hm, mask = out["heatmaps"][0], out["heatmap_mask"][0]
-    # window x in [ceil(-2.5), floor(3.5)] = -2..3 -> 0..3; y in -2..4 -> 0..4
+    # window x in (0.5 - 5, 0.5 + 5) -> -4..5 -> 0..5; y in (-4, 6) -> -3..5 -> 0..5
     assert hm[0, 0] == np.float32(_gauss(0.5, 1.0, 1.0))
     assert hm[4, 3] == np.float32(_gauss(2.5, 3.0, 1.0))
-    assert (mask[:5, :4] == 1).all()
-    assert (mask[5:, :] == np.float32(BG)).all() and (mask[:, 4:] == np.float32(BG)).all()
+    assert hm[5, 5] == np.float32(_gauss(4.5, 4.0, 1.0))
+    assert (mask[:6, :6] == 1).all()
+    assert (mask[6:, :] == np.float32(BG)).all() and (mask[:, 6:] == np.float32(BG)).all()
     assert out["part_heatmaps"][0, 1, 0] == np.float32(_gauss(0.5, 0.0, 1.0))
     off, w = out["offsets"], out["offset_weights"]
     # p0: cells i in [0-2, 0+2) -> {0, 1}; j in [1-2, 1+2) -> {0, 1, 2}
@@ -367,7 +377,7 @@ def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area, in_
     def splat(maps, masks, ch, x, y):
         for j in range(h):
             for i in range(w):
-                if abs(i - x) <= 3 * sigma and abs(j - y) <= 3 * sigma:
+                if abs(i - x) < 3 * sigma + 2 and abs(j - y) < 3 * sigma + 2:
                     g = math.exp(-((i - x) ** 2 + (j - y) ** 2) / (2 * sigma**2))
                     maps[ch, j, i] = max(maps[ch, j, i], g)
                     masks[ch, j, i] = 1.0
@@ -496,14 +506,19 @@ def test_crowdpose_val_most_crowded_images(crowdpose_val_json):
     assert checked_omega >= 45
 
 
-def test_window_sigmas_sets_the_gaussian_window():
+def test_window_sigmas_and_margin_set_the_gaussian_window():
     kp = _people([(6, 6, 2), (-9, -9, 0), (-9, -9, 0)])
-    for window, side in ((3.0, 7), (1.0, 3), (2.5, 5)):
-        out = encode_targets(kp, [100.0], TINY, (13, 13), sigma=1.0, window_sigmas=window)
+    # cells strictly closer than window_sigmas * sigma + window_margin (sigma 1)
+    for window, margin, side in ((3.0, 2.0, 9), (3.0, 0.0, 5), (1.0, 0.5, 3), (2.5, 0.0, 5),
+                                 (1.0, 0.0, 1)):
+        out = encode_targets(kp, [100.0], TINY, (13, 13), sigma=1.0, window_sigmas=window,
+                             window_margin=margin)
         ones = out["heatmap_mask"][0] == 1.0
-        assert ones.sum() == side * side, window
+        assert ones.sum() == side * side, (window, margin)
         assert ones[6 - side // 2: 6 + side // 2 + 1, 6 - side // 2: 6 + side // 2 + 1].all()
-    codec = PINetTargetCodec(TINY, (13, 13), sigma=1.0, window_sigmas=1.0)
+    codec = PINetTargetCodec(TINY, (13, 13), sigma=1.0, window_sigmas=1.0, window_margin=1.0)
     assert (codec.encode(kp, [100.0])["heatmap_mask"][0] == 1.0).sum() == 9
     with pytest.raises(ValueError, match="window_sigmas"):
         PINetTargetCodec(TINY, (13, 13), window_sigmas=0.0)
+    with pytest.raises(ValueError, match="window_margin"):
+        PINetTargetCodec(TINY, (13, 13), window_margin=-1.0)

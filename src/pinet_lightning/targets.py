@@ -6,11 +6,12 @@ open, fixed here and tested in tests/test_targets.py:
 
 - A keypoint counts when ``v > 0`` and it lies inside the map, ``0 <= x < W`` and
   ``0 <= y < H`` (NaN coordinates never count).
-- Gaussian window: the cells ``(i, j)`` with ``|i - x| <= 3 sigma`` and ``|j - y| <= 3 sigma``
-  (``window_sigmas`` = 3; a square of at most ``floor(6 sigma) + 1`` cells a side, 13 for
-  sigma 2), clipped to the
-  map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))`` at the exact
-  sub-cell point; people combine by maximum. The loss mask is 1 on the union of windows.
+- Gaussian window (the published generator's): the cells ``(i, j)`` with
+  ``|i - x| < 3 sigma + 2`` and ``|j - y| < 3 sigma + 2`` (strictly; ``window_sigmas`` = 3,
+  ``window_margin`` = 2 cells: 15 cells a side for an integer point at sigma 2, 16 otherwise),
+  clipped to the map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))``
+  at the exact sub-cell point; people combine by maximum. The loss mask is 1 on the union of
+  windows.
 - Part center (default, SPEC 2.2 and the published code): mean of the part's keypoints with
   ``v > 0``, in the map or not. As the published generators: it writes offsets when
   ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map, and its Gaussian
@@ -163,6 +164,7 @@ def _draw_gaussians(
     height: int,
     width: int,
     window_sigmas: float = 3.0,
+    window_margin: float = 2.0,
 ) -> None:
     """Max-combine the Gaussians of all points into ``heat`` and set ``window`` to 1 on
     their windows, in place. ``heat``/``window`` are flat float32 (C * H * W + 1,) buffers
@@ -170,10 +172,10 @@ def _draw_gaussians(
     if not len(xy):
         return
     dump = heat.size - 1
-    reach = window_sigmas * sigma
-    size = int(np.floor(2.0 * reach)) + 1  # most cells a window spans along one axis
-    start = np.ceil(xy - reach).astype(np.intp)  # (M, 2) first cell of the window
-    stop = np.floor(xy + reach).astype(np.intp)  # (M, 2) last cell (inclusive)
+    reach = window_sigmas * sigma + window_margin  # the window: cells strictly closer
+    size = max(int(np.ceil(2.0 * reach)), 1)  # most cells a window spans along one axis
+    start = np.floor(xy - reach).astype(np.intp) + 1  # (M, 2) first cell of the window
+    stop = np.ceil(xy + reach).astype(np.intp) - 1  # (M, 2) last cell (inclusive)
     cells = start[:, :, None] + np.arange(size)  # (M, 2, L): x cells, then y cells
     ok = (cells <= stop[:, :, None]) & (cells >= 0)
     ok &= cells < np.array([[width], [height]])  # (M, 2, L)
@@ -200,6 +202,7 @@ def encode_targets(
     part_center_in_map: bool = False,
     offsets_format: str = "dense",
     window_sigmas: float = 3.0,
+    window_margin: float = 2.0,
 ) -> dict[str, np.ndarray]:
     """Build PINet's training targets for one sample (SPEC 2).
 
@@ -221,7 +224,9 @@ def encode_targets(
             into the flattened (P*K, H, W) (channel pair ``p * K + k``, row, column),
             ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,) float32,
             about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
-        window_sigmas: half-width of the Gaussian windows in sigmas (SPEC: about 3).
+        window_sigmas, window_margin: the Gaussian windows hold the cells strictly closer
+            than ``window_sigmas * sigma + window_margin`` on each axis (SPEC: about 3 sigma;
+            the published generator: 3 sigma + 2 cells).
 
     Returns:
         float32 ``heatmaps`` (K,H,W), ``heatmap_mask`` (K,H,W), ``part_heatmaps`` (P,H,W),
@@ -234,6 +239,8 @@ def encode_targets(
         raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
     if not window_sigmas > 0:
         raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
+    if not window_margin >= 0:
+        raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got {window_margin}")
     if int(radius) != radius or radius < 1:
         raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
     radius = int(radius)
@@ -261,7 +268,7 @@ def encode_targets(
     loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
     xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]])
     _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp[drawn]]), sigma, height,
-                    width, window_sigmas)
+                    width, window_sigmas, window_margin)
     heat = heat[:-1].reshape(k + p, height, width)
     loss_mask = loss_mask[:-1].reshape(k + p, height, width)
     if mask is not None:
@@ -368,6 +375,7 @@ class PINetTargetCodec:
     part_center_in_map: bool = False
     offsets_format: str = "dense"
     window_sigmas: float = 3.0
+    window_margin: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", get_layout(self.layout))
@@ -385,6 +393,9 @@ class PINetTargetCodec:
         if not self.window_sigmas > 0:
             raise ValueError(f"{_WHERE}: window_sigmas must be positive, got "
                              f"{self.window_sigmas}")
+        if not self.window_margin >= 0:
+            raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got "
+                             f"{self.window_margin}")
         if self.offsets_format not in ("dense", "omega"):
             raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
                              f"got {self.offsets_format!r}")  # fmt: skip
@@ -406,4 +417,5 @@ class PINetTargetCodec:
             part_center_in_map=self.part_center_in_map,
             offsets_format=self.offsets_format,
             window_sigmas=self.window_sigmas,
+            window_margin=self.window_margin,
         )
