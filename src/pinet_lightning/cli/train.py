@@ -218,7 +218,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         model.load_state_dict(state)
     metrics.update({
         **progress,
-        "start_step": start.start_step,
+        # no on_train_start when a resumed run is already at its end
+        "start_step": (start.start_step if start.start_step is not None or not
+                       cfg.get("train", True) else progress["global_step"]),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "reported_checkpoint": best,
         "best_checkpoint": best_by_val,
