@@ -374,3 +374,35 @@ def test_non_finite_loss_stops_training_and_keeps_last_ckpt(tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values()
                if v.is_floating_point())
     assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_training_writes_last_ckpt_every_epoch(tmp_path):
+    """2 CPU processes: the epoch-end last.ckpt (a collective save) and the per-step finite
+    check (a summed flag) run on both ranks in the same order; no deadlock."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("pinet-train")
+    if not exe.exists():
+        pytest.skip("console script pinet-train not installed (pip install -e .)")
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith(("trainer.accelerator", "data.batch_size"))]
+    env = {**os.environ, "PINET_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [str(exe), "trainer=ddp_cpu", "trainer.devices=2", *args, "data.batch_size=2",
+           "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2", "test=false",
+           f"run_dir={run}", "+model.finite_check_every=3"]  # epoch-end checks too
+    # its own process group: a deadlock (the failure this test guards) is killed whole
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("DDP training did not finish in 300 s (a collective deadlock?)")
+    assert proc.returncode == 0, err[-3000:]
+    # 8 images, 2 ranks x batch 2: 2 steps an epoch
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 6

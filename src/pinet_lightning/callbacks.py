@@ -63,6 +63,11 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: pl.Trainer) -> None:
         """Write the file atomically (a kill during the write leaves the previous one)."""
+        # Epoch metrics logged with sync_dist are reduced lazily, on first read: rank 0's
+        # progress bar has read them already, the other ranks have not. Reading them here on
+        # every rank (as ModelCheckpoint does) keeps the collectives in the same order on all
+        # ranks before the barrier of save_checkpoint; without it DDP deadlocks.
+        _ = trainer.callback_metrics
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.dirpath / f".{self.filename}.ckpt.part"

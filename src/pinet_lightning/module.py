@@ -291,6 +291,10 @@ class PINetModule(pl.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
+        if self._nonfinite is not None and self.trainer.world_size > 1:
+            # rank 0's progress bar has already reduced the epoch metrics (lazily, on first
+            # read); read them on every rank first so that the collectives pair up
+            _ = self.trainer.callback_metrics
         self._check_finite()  # before the epoch's last.ckpt is written
 
     def on_validation_epoch_start(self) -> None:
