@@ -73,8 +73,8 @@ def test_nan_in_the_ground_truth_is_refused_naming_file_and_id(protocol, tmp_pat
     gt["annotations"][2]["keypoints"][4] = float("nan")
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(gt))
-    with pytest.raises(ValueError, match=r"gt\.json(.|\n)*NaN or infinite keypoint values: "
-                                         r"annotation ids 3"):
+    with pytest.raises(ValueError, match=r"gt\.json(.|\n)*'keypoints' values NaN or infinite: "
+                                         r"1 annotation, id 3"):
         _evaluate(path, preds, protocol)
 
 

@@ -257,28 +257,28 @@ def validate_coco_keypoints(
     m = len(images)
     img = [im if isinstance(im, dict) else {} for im in images]
     img_ids, img_id_ok = _int_ids([im.get("id") for im in img])
-    problems.add("image", "is not an object with an integer 'id'", ~img_id_ok)
+    problems.add("image", "image without an integer 'id'", ~img_id_ok)
     has_name = np.fromiter((isinstance(im.get("file_name"), str) and bool(im["file_name"])
                             for im in img), bool, m)
-    problems.add("image", "has no 'file_name'", img_id_ok & ~has_name)
+    problems.add("image", "image without a 'file_name'", img_id_ok & ~has_name)
     uniq, counts = np.unique(img_ids[img_id_ok], return_counts=True)
     duplicated = uniq[counts > 1]
-    problems.add("image", "shares its id with another image (ids must be unique: renumber "
-                 "them)", img_id_ok & np.isin(img_ids, duplicated))
+    problems.add("image", "duplicate image id (ids must be unique: renumber them)",
+                 img_id_ok & np.isin(img_ids, duplicated))
     known_images = uniq
 
     # ---------------------------------------------------------------- annotations
     n = len(anns)
     get = [a if isinstance(a, dict) else {} for a in anns]
     ann_ids, ann_id_ok = _int_ids([a.get("id") for a in get])
-    problems.add("annotation", "is not an object with an integer 'id'", ~ann_id_ok)
+    problems.add("annotation", "annotation without an integer 'id'", ~ann_id_ok)
     uniq, counts = np.unique(ann_ids[ann_id_ok], return_counts=True)
-    problems.add("annotation", "shares its id with another annotation (ids must be unique)",
+    problems.add("annotation", "duplicate annotation id (ids must be unique)",
                  ann_id_ok & np.isin(ann_ids, uniq[counts > 1]))
     cats = [a.get("category_id") for a in get]
     cat_known = np.fromiter((type(c) is int and c in cat_ids for c in cats), bool, n)
     is_person = np.fromiter((type(c) is int and c == person_id for c in cats), bool, n)
-    problems.add("annotation", "has a 'category_id' that is not in 'categories'", ~cat_known)
+    problems.add("annotation", "'category_id' not in 'categories'", ~cat_known)
     ann_img, ann_img_ok = _int_ids([a.get("image_id") for a in get])
     img_known = ann_img_ok & np.isin(ann_img, known_images)
     unknown_image = is_person & ~img_known
@@ -308,33 +308,33 @@ def validate_coco_keypoints(
     if k is None:  # no category keypoint list and no annotation with keypoints
         rows = np.zeros((len(sel), 0))
         if len(sel):
-            add("has no 'keypoints' list", np.ones(len(sel), bool))
+            add("no 'keypoints' list", np.ones(len(sel), bool))
     else:
         rows, shape_ok, numeric = number_rows(kp_values, 3 * k)
-        add(f"has no 'keypoints' list of {3 * k} values (3 x {k} keypoints)", ~shape_ok)
-        add("has keypoint values that are null or not numbers", shape_ok & ~numeric)
+        add(f"'keypoints' not a list of {3 * k} values (3 x {k} keypoints)", ~shape_ok)
+        add("'keypoints' values null or not numbers", shape_ok & ~numeric)
         finite = np.isfinite(rows).all(1)
-        add("has NaN or infinite keypoint values", numeric & ~finite)
+        add("'keypoints' values NaN or infinite", numeric & ~finite)
         vis_ok = np.isin(rows[:, 2::3], (0.0, 1.0, 2.0)).all(1)
-        add("has keypoint visibility flags other than 0, 1, 2", numeric & finite & ~vis_ok)
+        add("keypoint visibility flags other than 0, 1, 2", numeric & finite & ~vis_ok)
     labelled = rows[:, 2::3] > 0
 
     box_values = [get[i].get("bbox") for i in sel]
     box_given = np.fromiter((v is not None for v in box_values), bool, len(sel))
     boxes, _, box_num = number_rows(box_values, 4)
     box_ok = box_num & np.isfinite(boxes).all(1) & (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0)
-    add("has a 'bbox' that is not 4 finite numbers [x, y, w, h] with w, h >= 0",
+    add("'bbox' not 4 finite numbers [x, y, w, h] with w, h >= 0",
         box_given & ~box_ok)
     derive = ~box_given
-    add("has no 'bbox' and no labelled keypoint to derive one from",
+    add("no 'bbox' and no labelled keypoint to derive one from",
         derive & ~labelled.any(1))
     crowd, crowd_given = _scalars([get[i].get("iscrowd") for i in sel])
-    add("has an 'iscrowd' other than 0 or 1", crowd_given & ~np.isin(crowd, (0.0, 1.0)))
+    add("'iscrowd' other than 0 or 1", crowd_given & ~np.isin(crowd, (0.0, 1.0)))
     for key in ("num_keypoints", "area"):
         value, given = _scalars([get[i].get(key) for i in sel])
-        add(f"has a '{key}' that is not a finite number >= 0",
+        add(f"'{key}' not a finite number >= 0",
             given & ~(np.isfinite(value) & (value >= 0)))
-    problems.add("annotation", "has an 'image_id' that is not in 'images'", unknown_image)
+    problems.add("annotation", "'image_id' not in 'images'", unknown_image)
 
     # ---------------------------------------------------------------- decide
     if problems.rows and not skip_invalid:
@@ -353,7 +353,8 @@ def validate_coco_keypoints(
     bad_img = problems.mask("image", m)
     holding = np.setdiff1d(ann_img[bad_ann & img_known], img_ids[bad_img])
     if holding.size:
-        report.skipped_images["holds an invalid annotation (listed below)"] = holding.tolist()
+        report.skipped_images["holding an invalid annotation (listed below)"] = \
+            holding.tolist()
     keep_img = ~bad_img & ~np.isin(img_ids, holding)
     kept_ids = img_ids[keep_img]
     kept_images = [images[i] for i in np.flatnonzero(keep_img)]
@@ -389,7 +390,8 @@ def _error_text(source: str, problems: _Problems, images: tuple, annotations: tu
              "images holding them (logged with their ids):"]
     for (kind, problem), rows in problems.rows.items():
         ids, ok, files = images if kind == "image" else annotations
-        lines.append(f"  {rows.size} {kind}(s) {problem}: {kind} ids "
+        n = rows.size
+        lines.append(f"  {problem}: {n} {kind}{'s' * (n > 1)}, id{'s' * (n > 1)} "
                      f"{_shown(rows, ids, ok, kind, files)}")
     return "\n".join(lines)
 
@@ -416,8 +418,8 @@ def _log_report(report: ValidationReport, cats: list, categories: list, is_perso
                   "keypoints (annotation ids %s)", src, len(report.derived_boxes),
                   _names(report.derived_boxes))
     for problem, ids in report.skipped_images.items():
-        _say_once(src, "%s: skipped %d images (data.skip_invalid): image %s: ids %s", src,
+        _say_once(src, "%s: skipped %d images (data.skip_invalid): %s: ids %s", src,
                   len(ids), problem, _names(ids, _LOG_IDS))
     for problem, ids in report.skipped_annotations.items():
-        _say_once(src, "%s: skipped %d annotations (data.skip_invalid): annotation %s: ids %s",
+        _say_once(src, "%s: skipped %d annotations (data.skip_invalid): %s: ids %s",
                   src, len(ids), problem, _names(ids, _LOG_IDS))

@@ -286,8 +286,8 @@ class PINetModule(pl.LightningModule):
             f"module.py: the training loss became NaN or infinite ({terms}) {where} (epoch "
             f"{self.current_epoch}): training diverged and was stopped. Lower "
             "model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check the data; "
-            "checkpoints/last.ckpt still holds the last finished epoch (it is not overwritten "
-            "with these weights)"
+            "checkpoints/last.ckpt, if an epoch finished, keeps its weights (it is not "
+            "overwritten with these)"
         )
 
     def on_train_epoch_end(self) -> None:
