@@ -176,6 +176,20 @@ def test_bad_visibility_flag_and_keypoint_count_name_the_annotation(tmp_path):
     assert "data.skip_invalid=true" in text  # the way out is named
 
 
+def test_crowd_region_without_keypoints_gets_zeros_a_person_does_not(tmp_path):
+    data = _two_people()
+    crowd = {"id": 9, "image_id": 1, "category_id": 1, "iscrowd": 1, "bbox": [30, 0, 20, 10]}
+    data["annotations"].append(crowd)
+    ds = _dataset(tmp_path, data)
+    assert ds.coco.anns[9]["keypoints"] == [0] * (3 * K)
+    assert ds.coco.anns[9]["num_keypoints"] == 0 and "keypoints" not in crowd
+    del data["annotations"][0]["keypoints"]  # a person without keypoints: an error
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match=r"'keypoints' not a list of 42 values.*1 annotation, "
+                                         r"id 1"):
+        _dataset(tmp_path / "b", data)
+
+
 @pytest.mark.parametrize("bbox", [[1, 2, 3], [1, 2, float("nan"), 4], [1, 2, -3, 4], "box"])
 def test_bad_bbox_names_the_annotation(tmp_path, bbox):
     data = _two_people()

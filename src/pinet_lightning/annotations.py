@@ -10,7 +10,8 @@ truth (:func:`~pinet_lightning.evaluation.evaluate_keypoints`) go through the sa
 - Records: image ``id`` an integer, unique, with a ``file_name``; annotation ``id`` an
   integer, unique; its ``image_id`` a known image; its ``category_id`` a known category
   (annotations of other categories than the person one are dropped, with a logged count);
-  ``keypoints`` a list of 3K finite numbers with visibility v in {0, 1, 2}; ``bbox``
+  ``keypoints`` a list of 3K finite numbers with visibility v in {0, 1, 2} (a crowd
+  region, ``iscrowd`` 1, may have none: zeros are filled in); ``bbox``
   4 finite numbers, w, h >= 0, or absent (then derived from the labelled keypoints, said
   once with a count); ``iscrowd`` 0 / 1; ``num_keypoints`` and ``area``, when given, finite
   and >= 0 (``num_keypoints`` absent: counted from v > 0).
@@ -60,6 +61,7 @@ class ValidationReport:
     other_category_annotations: int = 0
     derived_boxes: list[int] = field(default_factory=list)
     derived_num_keypoints: int = 0
+    zero_keypoints: int = 0
     skipped_images: dict[str, list] = field(default_factory=dict)
     skipped_annotations: dict[str, list] = field(default_factory=dict)
 
@@ -305,12 +307,18 @@ def validate_coco_keypoints(
         full[sel[bad_sel]] = True
         problems.add("annotation", problem, full)
 
+    crowd, crowd_given = _scalars([get[i].get("iscrowd") for i in sel])
+    add("'iscrowd' other than 0 or 1", crowd_given & ~np.isin(crowd, (0.0, 1.0)))
+    # a crowd region may come without keypoints: it has none (zeros are filled in)
+    no_kp = np.fromiter((v is None for v in kp_values), bool, len(sel)) & (crowd == 1)
     if k is None:  # no category keypoint list and no annotation with keypoints
         rows = np.zeros((len(sel), 0))
-        if len(sel):
-            add("no 'keypoints' list", np.ones(len(sel), bool))
+        add("no 'keypoints' list", ~no_kp)
     else:
         rows, shape_ok, numeric = number_rows(kp_values, 3 * k)
+        rows[no_kp] = 0.0
+        shape_ok |= no_kp
+        numeric |= no_kp
         add(f"'keypoints' not a list of {3 * k} values (3 x {k} keypoints)", ~shape_ok)
         add("'keypoints' values null or not numbers", shape_ok & ~numeric)
         finite = np.isfinite(rows).all(1)
@@ -328,8 +336,6 @@ def validate_coco_keypoints(
     derive = ~box_given
     add("no 'bbox' and no labelled keypoint to derive one from",
         derive & ~labelled.any(1))
-    crowd, crowd_given = _scalars([get[i].get("iscrowd") for i in sel])
-    add("'iscrowd' other than 0 or 1", crowd_given & ~np.isin(crowd, (0.0, 1.0)))
     for key in ("num_keypoints", "area"):
         value, given = _scalars([get[i].get(key) for i in sel])
         add(f"'{key}' not a finite number >= 0",
@@ -370,6 +376,9 @@ def validate_coco_keypoints(
             changes["bbox"] = [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]),
                                float(hi[1] - lo[1])]
             report.derived_boxes.append(ann["id"])
+        if no_kp[j] and rows.shape[1]:
+            changes["keypoints"] = [0] * rows.shape[1]
+            report.zero_keypoints += 1
         if "num_keypoints" not in ann:
             changes["num_keypoints"] = int(labelled[j].sum())
             report.derived_num_keypoints += 1

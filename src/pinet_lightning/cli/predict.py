@@ -108,7 +108,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if is_video and source.suffix.lower() not in VIDEO_SUFFIXES:
         log.warning("%s: not a known video suffix %s; trying OpenCV anyway", source,
                     VIDEO_SUFFIXES)
-    files = [source] if single_image else [] if is_video else _image_files(source)
     out_dir = Path(str(cfg.get("output_dir") or cfg.paths.output_dir)).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "predict_config.yaml")
@@ -121,7 +120,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
              predictor.device)
 
-    items = _video_items(source, cfg.get("max_frames")) if is_video else _image_items(files)
+    if is_video:
+        items = _video_items(source, cfg.get("max_frames"))
+    else:
+        items = _image_items([source] if single_image else _image_files(source))
     drawn_dir = out_dir / ("frames" if is_video else "images")
     writer = None
     video_path = out_dir / f"{source.stem}_poses.mp4"
