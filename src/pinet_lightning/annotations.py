@@ -20,7 +20,7 @@ A record problem is an error naming the file, the ids and the fix, unless ``skip
 then every image holding an invalid record is dropped whole (a person left out of an image
 would be trained on as background), annotations whose image is unknown are dropped, and the
 count and ids are logged. The checks are vectorized over the records (numpy), so that a
-COCO-sized file (150k annotations) is validated in about a second.
+COCO-sized file (150k annotations) is validated in under a second.
 """
 
 from __future__ import annotations
