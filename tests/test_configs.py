@@ -49,7 +49,10 @@ def test_default_train_config_is_the_synthetic_main_job(tmp_path):
     assert cfg.trainer.accelerator == "auto"
     assert cfg.callbacks.model_checkpoint.monitor == "val/AP"
     assert cfg.callbacks.model_checkpoint.mode == "max"
-    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert cfg.callbacks.model_checkpoint.save_last is False  # last.ckpt: last_checkpoint
+    assert cfg.callbacks.last_checkpoint.filename == "last"
+    assert cfg.reported_checkpoint == "last"  # as published (issue 9 point 9)
+    assert cfg.data.skip_invalid is False
     assert list(cfg.logger) == ["csv"]
     assert cfg.resume == "auto" and cfg.ckpt_path is None
 
@@ -239,6 +242,10 @@ def test_callbacks_instantiate(tmp_path):
     assert pl.callbacks.RichProgressBar in types and pl.callbacks.RichModelSummary in types
     ckpt = next(c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint))
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
+    from pinet_lightning.callbacks import LastCheckpoint
+
+    last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
+    assert last.path == tmp_path / "checkpoints" / "last.ckpt"
     assert instantiate_group(_compose("train", ["callbacks=none"], tmp_path).get("callbacks")) \
         == []
 

@@ -7,6 +7,12 @@ entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
 records the knobs, and a set whose knobs match is not regenerated). The synthetic ``val`` set
 is also the test set unless ``test`` is given.
 
+Checked when the data module is built (config time, before any data is read):
+``input_size`` a multiple of 32 (:data:`INPUT_MULTIPLE`). Checked when the datasets are built
+(``setup``, before training): the annotation files and image files
+(:mod:`pinet_lightning.annotations`); ``skip_invalid=True`` skips bad records and files with
+a logged count instead of stopping, and evaluation applies the same rule to the ground truth.
+
 The train loader shuffles with the default sampler: under DDP Lightning swaps in a
 ``DistributedSampler`` itself (``use_distributed_sampler``), so none is created here. The
 eval collate stacks images of one size; when sizes differ it raises (use
@@ -55,6 +61,7 @@ _PEOPLE_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(CocoKeypointDataset).parameters.items()
     if name in ("ignore_regions", "min_image_keypoints")
 }
+INPUT_MULTIPLE = 32  # the backbone's coarsest stride (HRNet's 1/32 branch)
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 
 
@@ -77,6 +84,22 @@ def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "image_id": [int(s["image_id"]) for s in batch],
         "orig_size": [tuple(s["orig_size"]) for s in batch],
     }
+
+
+def _check_input_size(value: Any) -> int:
+    """``data.input_size``: a positive multiple of :data:`INPUT_MULTIPLE`."""
+    size = int(value)
+    if size <= 0 or size % INPUT_MULTIPLE:
+        below = max(size // INPUT_MULTIPLE, 1) * INPUT_MULTIPLE
+        above = (max(size, 0) // INPUT_MULTIPLE + 1) * INPUT_MULTIPLE
+        near = sorted({below, above})
+        raise ValueError(
+            f"data.input_size={value} must be a positive multiple of {INPUT_MULTIPLE}: HRNet "
+            f"(and the other timm backbones) halve the input 5 times and add the branches back "
+            f"together, so the sides must divide by {INPUT_MULTIPLE}; use data.input_size="
+            f"{' or '.join(map(str, near))}"
+        )
+    return size
 
 
 def _split_entry(entry: Mapping[str, Any] | None, name: str) -> tuple[Path, Path] | None:
@@ -109,14 +132,16 @@ class PINetDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        skip_invalid: bool = False,
     ) -> None:
         super().__init__()
         self.layout = get_layout(layout)
         if protocol not in ("coco", "crowdpose"):
             raise ValueError(f"protocol must be 'coco' or 'crowdpose', got '{protocol}'")
         self.protocol = protocol
-        self.input_size = int(input_size)
+        self.input_size = _check_input_size(input_size)
         self.output_stride = int(output_stride)
+        self.skip_invalid = bool(skip_invalid)
         # the effective settings: the codec's / augmentation's own defaults, then the overrides
         self.targets = {**_TARGET_DEFAULTS, **dict(targets or {})}
         self.augmentation = {**_AUGMENTATION_DEFAULTS, **dict(augmentation or {})}
@@ -202,6 +227,7 @@ class PINetDataModule(pl.LightningDataModule):
             entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
             output_stride=self.output_stride, targets=self.targets,
             augmentation=self.augmentation, **self.people,
+            skip_invalid=self.skip_invalid,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:

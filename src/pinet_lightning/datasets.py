@@ -26,6 +26,11 @@ Choices:
 - Train mode keeps every image with at least one annotation (CrowdPose, OCHuman), or with
   ``min_image_keypoints=n`` those whose annotations' labelled keypoints (v > 0) sum to more
   than n (COCO: 10). Eval mode keeps every image.
+- The annotation file goes through :func:`~pinet_lightning.annotations.validate_coco_keypoints`
+  when the dataset is built (only the person category is kept, boxes are derived where
+  absent), and every image file it will read is checked then too (present, not a folder, a
+  JPEG not cut short): bad data stops the run before training, naming file, ids and fix;
+  ``skip_invalid=True`` skips it with a logged count and ids instead.
 
 Official layouts of the path presets (:func:`dataset_paths`):
 
@@ -54,10 +59,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from pinet_lightning.annotations import load_json, validate_coco_keypoints
 from pinet_lightning.augmentation import TrainAugmentation, inference_resize
 from pinet_lightning.layouts import Layout, get_layout
 
-__all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "DATASET_PRESETS"]
+__all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "check_image_files",
+           "image_file_problem", "DATASET_PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +106,128 @@ def dataset_paths(
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); EXIF orientation ignored (annotations use the stored pixels)."""
+    """RGB uint8 (H, W, 3); EXIF orientation ignored (annotations use the stored pixels).
+
+    A folder, a missing file, a truncated JPEG (OpenCV would fill the missing part with gray
+    and only print a warning) and an undecodable file are errors naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; check the images folder")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
+    problem = image_file_problem(path, full=True)
+    if problem is not None:
+        raise _image_error(path, problem)
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None or image.size == 0:
         raise OSError(f"cannot decode image {path}: the file is corrupt or not an image; "
                       "replace it or remove it from the annotation file")  # fmt: skip
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _load_coco(annotation_file: Path) -> COCO:
+def _image_error(path: Path, problem: str) -> OSError:
+    if problem == "missing":
+        return FileNotFoundError(f"image {path} does not exist; check the images folder")
+    if problem == "folder":
+        return IsADirectoryError(f"image {path} is a folder, not an image file")
+    return OSError(f"image {path} is a truncated JPEG ({problem}): the file was cut short "
+                   "(an interrupted download or copy?); replace it, or set "
+                   "data.skip_invalid=true to skip it")  # fmt: skip
+
+
+def _jpeg_truncation(data: bytes) -> str | None:
+    """Why a JPEG byte string is cut short, or None when it is whole (or not a JPEG).
+
+    The marker segments are walked to the first scan (SOS); the image is whole when an
+    end-of-image marker (FF D9) follows it. Inside scan data FF is always followed by 00 or
+    a restart marker, so an FF D9 there is the real end; data after it (a motion photo's
+    video, padding) is allowed.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, n = 2, len(data)
+    while True:
+        if pos + 4 > n:
+            return "it ends inside its header"
+        if data[pos] != 0xFF:
+            return None  # not a marker: left to the decoder
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # start of scan
+            break
+        elif marker == 0xD9:  # an end before any image data: left to the decoder
+            return None
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    if data.rfind(b"\xff\xd9") < pos:
+        return "no end-of-image marker after its image data"
+    return None
+
+
+def image_file_problem(path: Path, full: bool = False) -> str | None:
+    """``"missing"``, ``"folder"``, why a JPEG is truncated, or None when the file looks
+    whole. ``full=False`` (the start-up check of every image) reads the first and last bytes,
+    and the whole file only when these do not end the image."""
+    if not path.is_file():
+        return "folder" if path.is_dir() else "missing"
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return None  # not a JPEG: the decoder finds other damage
+        if not full:
+            f.seek(0, 2)
+            f.seek(max(f.tell() - 64, 0))
+            if f.read().rstrip(b"\x00").endswith(b"\xff\xd9"):  # the common case
+                return None
+        f.seek(0)
+        return _jpeg_truncation(f.read())
+
+
+def check_image_files(images_dir: Path, records: list[dict], source: str | Path,
+                      skip_invalid: bool = False) -> set[int]:
+    """Ids of the image records whose files are missing, folders or truncated JPEGs: an
+    error naming them (and the fix) unless ``skip_invalid``, then logged and returned."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    for info in records:
+        problem = image_file_problem(images_dir / info["file_name"])
+        if problem is not None:
+            kind = problem if problem in ("missing", "folder") else "truncated JPEG"
+            found.setdefault(kind, []).append((info["id"], info["file_name"]))
+    if not found:
+        return set()
+    lines = [f"  {len(v)} {kind} (image id file): "
+             + ", ".join(f"{i} {name}" for i, name in v[:5])
+             + (f" and {len(v) - 5} more" if len(v) > 5 else "") for kind, v in found.items()]
+    if not skip_invalid:
+        raise FileNotFoundError(
+            f"{source}: image files under {images_dir} that cannot be used:\n"
+            + "\n".join(lines) + "\nfix the images folder (data.<split>.images) or the files, "
+            "or set data.skip_invalid=true to skip these images"
+        )
+    log.warning("%s: skipped %d images whose files cannot be used (data.skip_invalid):\n%s",
+                source, sum(len(v) for v in found.values()), "\n".join(lines))
+    return {i for v in found.values() for i, _ in v}
+
+
+def _load_coco(annotation_file: Path, layout: Layout | None = None,
+               skip_invalid: bool = False) -> COCO:
+    """The annotation file read, validated (:mod:`pinet_lightning.annotations`) and indexed;
+    the validation report is kept as ``coco.validation``."""
+    data = load_json(annotation_file, "annotation file")
+    hint = ""
+    if layout is not None:
+        hint = (f"The layout is '{layout.name}': choose the matching one with the top-level "
+                "override layout=crowdpose (14 keypoints) or layout=coco / layout=ochuman "
+                "(17), or describe yours in conf/layout/ and pass layout=<its name>")
+    clean, report = validate_coco_keypoints(
+        data, annotation_file, num_keypoints=None if layout is None else layout.num_keypoints,
+        skip_invalid=skip_invalid, count_hint=hint)
+    coco = COCO()
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        try:
-            return COCO(str(annotation_file))
-        except Exception as exc:  # json errors, missing keys
-            raise ValueError(f"cannot read COCO annotations {annotation_file}: {exc}") from exc
+        coco.dataset = clean
+        coco.createIndex()
+    coco.validation = report  # type: ignore[attr-defined]
+    return coco
 
 
 class CocoKeypointDataset(Dataset):
@@ -136,6 +248,9 @@ class CocoKeypointDataset(Dataset):
             (COCO); False: no ignore mask besides the padding (CrowdPose, OCHuman).
         min_image_keypoints: train on an image when its annotations' labelled keypoints sum
             to more than this (COCO: 10); None: every image with an annotation.
+        skip_invalid: invalid records and unusable image files (see
+            :mod:`pinet_lightning.annotations`) are skipped with a logged count and ids
+            instead of raising.
     """
 
     def __init__(
@@ -151,6 +266,7 @@ class CocoKeypointDataset(Dataset):
         multiple: int = 64,
         ignore_regions: bool = False,
         min_image_keypoints: int | None = None,
+        skip_invalid: bool = False,
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -174,8 +290,8 @@ class CocoKeypointDataset(Dataset):
         self.min_image_keypoints = None if min_image_keypoints is None else int(
             min_image_keypoints)
         self.cell_offset = (self.output_stride - 1) / 2.0  # output cell center in input px
-        self.coco = _load_coco(self.annotation_file)
-        self._check_keypoint_count()
+        self.skip_invalid = bool(skip_invalid)
+        self.coco = _load_coco(self.annotation_file, self.layout, self.skip_invalid)
         ids = sorted(self.coco.getImgIds())
         if self.train:
             keep = [i for i in ids if self._keep_for_training(i)]
@@ -187,6 +303,7 @@ class CocoKeypointDataset(Dataset):
                          self.annotation_file.name, len(keep), skipped, why)  # fmt: skip
             ids = keep
         self.image_ids = ids
+        self._check_image_files()
         self._seeded_for: int | None = None
         if self.train:
             from pinet_lightning.targets import PINetTargetCodec
@@ -197,22 +314,13 @@ class CocoKeypointDataset(Dataset):
                                              **dict(augmentation or {}))  # fmt: skip
 
     # ------------------------------------------------------------------ checks and reading
-    def _check_keypoint_count(self) -> None:
-        k = self.layout.num_keypoints
-        counts = {len(c["keypoints"]) for c in self.coco.loadCats(self.coco.getCatIds())
-                  if "keypoints" in c}  # fmt: skip
-        wrong = [a for a in self.coco.dataset.get("annotations", [])
-                 if "keypoints" in a and len(a["keypoints"]) != 3 * k]  # fmt: skip
-        counts |= {len(a["keypoints"]) // 3 for a in wrong}
-        bad = counts - {k}
+    def _check_image_files(self) -> None:
+        """Every image this dataset reads exists and is whole, checked once at the start."""
+        records = self.coco.loadImgs(self.image_ids)
+        bad = check_image_files(self.images_dir, records, self.annotation_file,
+                                self.skip_invalid)
         if bad:
-            first = f" (first: annotation id {wrong[0].get('id')})" if wrong else ""
-            raise ValueError(
-                f"{self.annotation_file}: annotations have {sorted(bad)} keypoints{first} "
-                f"but layout "
-                f"'{self.layout.name}' has {k}; choose the matching layout (e.g. data.layout="
-                "crowdpose for 14, coco/ochuman for 17) or describe yours in conf/layout/"
-            )
+            self.image_ids = [i for i in self.image_ids if i not in bad]
 
     def _annotations(self, image_id: int) -> list[dict]:
         return self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))

@@ -8,6 +8,12 @@
   easy / medium / hard = crowdIndex < 0.2 / < 0.8 / >= 0.8). Its ``stats`` are
   ``[AP, AP50, AP75, AR, AR50, AR75, AP_easy, AP_medium, AP_hard]``.
 
+Both protocols first check their inputs the same way: the ground truth by the training data's
+rules (:func:`~pinet_lightning.annotations.validate_coco_keypoints`: only the person category
+is evaluated; NaN, null or missing fields are errors naming the file and ids), the predictions
+for their fields (``image_id``, ``keypoints``, ``score``), 3K finite keypoint values, finite
+scores and known image ids (errors name the file and the first offending entry).
+
 Metrics are fractions in [0, 1]; a metric pycocotools cannot define (no ground truth in
 that area range) stays -1 as the evaluators report it. No predictions give zeros.
 """
@@ -18,6 +24,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pinet_lightning.annotations import (
+    ValidationReport,
+    load_json,
+    number_rows,
+    validate_coco_keypoints,
+)
+
 __all__ = ["evaluate_keypoints", "to_coco_results", "metric_names", "PROTOCOLS"]
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("coco", "crowdpose")
 _COCO_KEYS = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_M", "AP_L", "AR_M", "AR_L")
@@ -73,52 +89,93 @@ def to_coco_results(
     return results
 
 
-def _load_gt(gt_json: str | Path | dict) -> dict:
+def _load_gt(gt_json: str | Path | dict, skip_invalid: bool = False
+             ) -> tuple[dict, ValidationReport]:
+    """The ground truth validated by the training data's rules (person category only)."""
     if isinstance(gt_json, dict):
-        return copy.deepcopy(gt_json)
-    path = Path(gt_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation: ground-truth file {path} not found")
-    with open(path) as f:
-        return json.load(f)
+        data, source = gt_json, "ground truth (dict)"
+    else:
+        data, source = load_json(gt_json, "evaluation: ground-truth file"), str(gt_json)
+    gt, report = validate_coco_keypoints(data, source, skip_invalid=skip_invalid)
+    # the evaluators add fields to the records: work on copies
+    gt = {**gt, "images": [dict(i) for i in gt["images"]],
+          "annotations": [dict(a) for a in gt["annotations"]]}
+    return gt, report
 
 
-def _load_predictions(predictions: list[dict] | str | Path) -> list[dict]:
+def _load_predictions(predictions: list[dict] | str | Path) -> tuple[list[dict], str]:
+    source = "predictions"
     if isinstance(predictions, (str, Path)):
-        path = Path(predictions)
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluation: predictions file {path} not found")
-        with open(path) as f:
-            predictions = json.load(f)
+        source = str(predictions)
+        predictions = load_json(predictions, "evaluation: predictions file")
     if not isinstance(predictions, list):
-        raise TypeError("evaluation: predictions must be a list of COCO result dicts or a path")
+        raise TypeError(f"evaluation: {source} must be a list of COCO result dicts (or a path "
+                        f"to a JSON list of them), not a {type(predictions).__name__}")
     # The evaluators add fields to the dicts: work on copies.
-    return [dict(p) for p in predictions]
+    return [dict(p) if isinstance(p, dict) else p for p in predictions], source
 
 
-def _check_predictions(preds: list[dict], gt: dict, num_keypoints: int) -> None:
-    image_ids = {img["id"] for img in gt.get("images", [])}
-    unknown = {p["image_id"] for p in preds} - image_ids
-    if unknown:
+def _first(mask: np.ndarray, preds: list, what: str, source: str, fix: str) -> None:
+    """Raise naming the count and the first prediction where ``mask`` is set."""
+    bad = np.flatnonzero(mask)
+    if bad.size:
+        i = int(bad[0])
+        entry = preds[i]
+        image = f" (image_id {entry.get('image_id')!r})" if isinstance(entry, dict) else ""
+        raise ValueError(f"evaluation: {source}: {bad.size} predictions {what}; the first is "
+                         f"entry {i}{image}; {fix}")
+
+
+def _check_predictions(preds: list, source: str, gt: dict, report: ValidationReport,
+                       num_keypoints: int, skip_invalid: bool) -> list[dict]:
+    """Every prediction an object with a known ``image_id``, ``keypoints`` 3K finite numbers,
+    a finite ``score`` and (if given) the ground truth's person ``category_id``; returns the
+    predictions to evaluate (those of images skipped by ``skip_invalid`` are dropped)."""
+    n = len(preds)
+    is_dict = np.fromiter((isinstance(p, dict) for p in preds), bool, n)
+    _first(~is_dict, preds, "are not JSON objects", source,
+           "each must be {image_id, category_id, keypoints, score}")
+    for key in ("image_id", "keypoints", "score"):
+        _first(np.fromiter((key not in p for p in preds), bool, n), preds,
+               f"have no '{key}'", source, "COCO keypoint results need image_id, keypoints "
+               "and score")
+    kps, shape_ok, numeric = number_rows([p["keypoints"] for p in preds], 3 * num_keypoints)
+    _first(~shape_ok, preds, f"do not have {num_keypoints} keypoints (3 * K = "
+           f"{3 * num_keypoints} values)", source, "check the layout")
+    _first(~numeric, preds, "have keypoint values that are null or not numbers", source,
+           "write numbers")
+    _first(~np.isfinite(kps).all(1), preds, "have NaN or infinite keypoint values", source,
+           "a diverged model? every value must be finite")
+    scores = np.fromiter((p["score"] if isinstance(p["score"], (int, float)) else np.nan
+                          for p in preds), np.float64, n)
+    _first(~np.isfinite(scores), preds, "have a 'score' that is not a finite number", source,
+           "every score must be finite")
+    person = report.person_category_id
+    cat = [p.get("category_id", person) for p in preds]
+    _first(np.fromiter((c != person for c in cat), bool, n), preds,
+           f"have a category_id other than the ground truth's person category ({person})",
+           source, f"write category_id {person}")
+    image_ids = np.fromiter((i["id"] for i in gt["images"]), np.int64, len(gt["images"]))
+    pred_ids = [p["image_id"] for p in preds]
+    ok_type = np.fromiter((type(i) is int for i in pred_ids), bool, n)
+    ids = np.fromiter((i if type(i) is int else 0 for i in pred_ids), np.int64, n)
+    known = ok_type & np.isin(ids, image_ids)
+    dropped = np.zeros(n, bool)
+    if skip_invalid and report.skipped_image_ids:
+        dropped = ok_type & ~known & np.isin(ids, list(report.skipped_image_ids))
+    unknown = ~known & ~dropped
+    if unknown.any():
+        missing = sorted({str(i) for i in np.asarray(pred_ids, dtype=object)[unknown]})
         raise ValueError(
-            f"evaluation: predictions for {len(unknown)} image ids absent from the ground "
-            f"truth (e.g. {sorted(unknown)[:5]}): evaluate against the matching annotation file"
+            f"evaluation: {source}: predictions for {len(missing)} image ids absent from the "
+            f"ground truth (e.g. {missing[:5]}): evaluate against the matching annotation file"
         )
-    bad = [p for p in preds if len(p["keypoints"]) != 3 * num_keypoints]
-    if bad:
-        raise ValueError(
-            f"evaluation: {len(bad)} predictions do not have {num_keypoints} keypoints "
-            f"(3 * K = {3 * num_keypoints} values): check the layout"
-        )
-
-
-def _num_keypoints(gt: dict) -> int:
-    for ann in gt.get("annotations", []):
-        return len(ann["keypoints"]) // 3
-    cats = gt.get("categories", [])
-    if cats and "keypoints" in cats[0]:
-        return len(cats[0]["keypoints"])
-    raise ValueError("evaluation: cannot tell the keypoint count from the ground truth")
+    if dropped.any():
+        log.warning("evaluation: %s: %d predictions of images skipped as invalid "
+                    "(skip_invalid) not evaluated", source, int(dropped.sum()))
+    for p in preds:
+        p.setdefault("category_id", person)
+    return [p for p, k in zip(preds, known, strict=True) if k]
 
 
 def _eval_coco(gt: dict, preds: list[dict], sigmas, verbose: bool) -> np.ndarray:
@@ -176,13 +233,21 @@ def evaluate_keypoints(
     results_path: str | Path | None = None,
     verbose: bool = False,
     image_ids: Sequence[int] | None = None,
+    skip_invalid: bool = False,
 ) -> dict[str, float]:
     """OKS AP/AR of keypoint predictions.
+
+    Both inputs are checked before either evaluator runs, the same way for both protocols:
+    the ground truth by the training data's rules (:mod:`pinet_lightning.annotations`: only
+    its person category is evaluated, NaN / missing fields are errors), the predictions for
+    fields, keypoint count, finite keypoints and scores and known image ids. Errors name the
+    file and the first offending entry.
 
     Args:
         gt_json: ground-truth COCO-format json (path or loaded dict).
         predictions: COCO result dicts (image_id, category_id, keypoints [x, y, s] * K,
-            score) or a path to a json list of them.
+            score) or a path to a json list of them. ``category_id``, when given, must be
+            the ground truth's person category.
         protocol: ``coco`` (also OCHuman) or ``crowdpose``.
         sigmas: OKS sigmas (/10); default: COCO's for ``coco``, CrowdPose's for
             ``crowdpose``. Pass the layout's for other keypoint sets.
@@ -191,6 +256,9 @@ def evaluate_keypoints(
         verbose: let the evaluators print their tables.
         image_ids: evaluate on these images only (e.g. a partial validation run); default:
             every image of the ground truth (images without predictions count as misses).
+        skip_invalid: images of the ground truth holding invalid records are left out of
+            the evaluation (with their predictions), logged, instead of raising
+            (``data.skip_invalid``, so that evaluation follows the training data's rule).
 
     Returns:
         ``AP AP50 AP75 AR AR50 AR75`` plus ``AP_M AP_L AR_M AR_L`` (coco) or
@@ -198,14 +266,18 @@ def evaluate_keypoints(
     """
     proto = _check_protocol(protocol)
     keys = metric_names(proto)
-    gt = _load_gt(gt_json)
+    gt, report = _load_gt(gt_json, skip_invalid)
     if image_ids is not None:
         keep = {int(i) for i in image_ids}
-        gt["images"] = [img for img in gt.get("images", []) if img["id"] in keep]
-        gt["annotations"] = [a for a in gt.get("annotations", []) if a["image_id"] in keep]
-    preds = _load_predictions(predictions)
+        gt["images"] = [img for img in gt["images"] if img["id"] in keep]
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    preds, source = _load_predictions(predictions)
     if preds:
-        k = _num_keypoints(gt)
+        k = report.num_keypoints
+        if k is None:
+            raise ValueError(f"evaluation: cannot tell the keypoint count from the ground "
+                             f"truth {report.source}: give its person category a 'keypoints' "
+                             "list")
         if sigmas is not None and len(sigmas) != k:
             raise ValueError(f"evaluation: {len(sigmas)} sigmas for {k} keypoints")
         if proto == "coco" and sigmas is None and k != 17:
@@ -213,7 +285,8 @@ def evaluate_keypoints(
                 f"evaluation: {k} keypoints but COCO's default sigmas have 17: pass sigmas "
                 "(e.g. layout.sigmas)"
             )
-        _check_predictions(preds, gt, k)
+        preds = _check_predictions(preds, source, gt, report, k, skip_invalid)
+    if preds:
         results_for_file = copy.deepcopy(preds) if results_path is not None else None
         evaluate = _eval_coco if proto == "coco" else _eval_crowdpose
         stats = evaluate(gt, preds, sigmas, verbose)

@@ -7,6 +7,10 @@ Gotchas (read before changing):
   ``hyper_parameters["layout"|"network"|"decode"]`` and on ``state_dict`` keys ``net.*``).
   ``network.pretrained`` is written as ``None`` into checkpoints: the weights are in the
   state dict and the ImageNet file may not exist where the checkpoint is loaded.
+- Divergence: each step ORs a "loss not finite" flag per loss term on the device; the flag is
+  read (one host sync) every ``finite_check_every`` steps (default: every step on the CPU,
+  100 on an accelerator), at each epoch end and before validation, summed over DDP ranks,
+  and a :class:`NonFiniteLossError` stops the run naming the steps and loss terms.
 - Training losses are logged twice: ``train/<name>`` on every step without a DDP sync, and
   ``train/<name>_epoch`` on the epoch with ``sync_dist=True``. Lightning's ``sync_dist``
   applies to step values too (one all-reduce per step), which is why there are two calls.
@@ -57,7 +61,7 @@ from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.losses import PINetLoss
 from pinet_lightning.model import PINet
 
-__all__ = ["PINetModule", "merge_gathered_results", "resolve_switch"]
+__all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch"]
 
 # PINet's keyword arguments and their defaults, read off its signature so the two never drift
 NETWORK_DEFAULTS: dict[str, Any] = {
@@ -70,6 +74,10 @@ LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
 OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
 DECODE_DEFAULTS: dict[str, Any] = {"flip_test": True, "top_k": 30, "score_threshold": 0.01,
                                    "oks_threshold": 0.7, "scales": [1.0]}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run diverged (the message says where)."""
 
 
 def _plain(value: Any) -> Any:
@@ -147,6 +155,10 @@ class PINetModule(pl.LightningModule):
         channels_last, compile: "auto" (on CUDA only), True or False.
         eval_protocol, val_annotation_file, test_annotation_file: overrides of the
             datamodule's ``protocol`` / annotation files for evaluation.
+        finite_check_every: steps between checks that the training loss is finite (a
+            :class:`NonFiniteLossError` stops the run); None: every step on the CPU, every
+            100 steps on an accelerator, where a check is a host-device sync (the flag
+            stays on the device in between). Also checked at each epoch end.
     """
 
     def __init__(
@@ -161,6 +173,7 @@ class PINetModule(pl.LightningModule):
         eval_protocol: str | None = None,
         val_annotation_file: str | None = None,
         test_annotation_file: str | None = None,
+        finite_check_every: int | None = None,
     ) -> None:
         super().__init__()
         layout = _plain(layout)
@@ -184,6 +197,13 @@ class PINetModule(pl.LightningModule):
         self._channels_last = False
         self._compiled = False
         self._eval_results: dict[int, list[dict]] = {}
+        if finite_check_every is not None and int(finite_check_every) < 1:
+            raise ValueError(f"module.py: finite_check_every must be >= 1 or null, got "
+                             f"{finite_check_every}")
+        self.finite_check_every = None if finite_check_every is None else int(finite_check_every)
+        self._nonfinite: Tensor | None = None  # per loss term: seen non-finite since the check
+        self._unchecked_from: int | None = None  # first step not yet checked
+        self._loss_keys: list[str] = []
 
     # ------------------------------------------------------------------ setup
     def _target_device(self) -> torch.device:
@@ -228,7 +248,59 @@ class PINetModule(pl.LightningModule):
                      prog_bar=in_bar and name == "loss", batch_size=batch_size)
             self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True,
                      sync_dist=True, batch_size=batch_size)
+        self._track_finite(losses)
         return losses["loss"]
+
+    # ------------------------------------------------------- divergence guard
+    def _check_interval(self) -> int:
+        if self.finite_check_every is not None:
+            return self.finite_check_every
+        return 1 if self.device.type == "cpu" else 100
+
+    def _track_finite(self, losses: Mapping[str, Tensor]) -> None:
+        """Accumulate an on-device "non-finite" flag per loss term; check it every
+        :meth:`_check_interval` steps (at the last, before that step's optimizer update)."""
+        self._loss_keys = list(losses)
+        flags = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()])
+        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+        if self._unchecked_from is None:
+            self._unchecked_from = int(self.global_step)
+        if int(self.global_step) + 1 - self._unchecked_from >= self._check_interval():
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` when a step since the last check had a
+        non-finite loss (on every rank: the flags are summed over ranks)."""
+        if self._nonfinite is None:
+            return
+        flags, first = self._nonfinite, self._unchecked_from
+        self._nonfinite, self._unchecked_from = None, None
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags.float(), reduce_op="sum")
+        bad = flags.detach().cpu().numpy() > 0  # the one host sync of the window
+        if not bad.any():
+            return
+        terms = ", ".join(n for n, b in zip(self._loss_keys, bad, strict=True) if b)
+        last = int(self.global_step)
+        where = f"at step {last}" if first == last else f"between steps {first} and {last}"
+        raise NonFiniteLossError(
+            f"module.py: the training loss became NaN or infinite ({terms}) {where} (epoch "
+            f"{self.current_epoch}): training diverged and was stopped. Lower "
+            "model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check the data; "
+            "checkpoints/last.ckpt, if an epoch finished, keeps its weights (it is not "
+            "overwritten with these)"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        if self._nonfinite is not None and self.trainer.world_size > 1:
+            # rank 0's progress bar has already reduced the epoch metrics (lazily, on first
+            # read); read them on every rank first so that the collectives pair up
+            _ = self.trainer.callback_metrics
+        self._check_finite()  # before the epoch's last.ckpt is written
+
+    def on_validation_epoch_start(self) -> None:
+        self._check_finite()  # during fit: do not evaluate diverged weights
+        self._eval_results = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam + MultiStepLR stepped per epoch (SPEC 6). Clipping: Trainer.gradient_clip_val."""
@@ -250,9 +322,6 @@ class PINetModule(pl.LightningModule):
         for image_id, (poses, scores) in zip(image_ids, per_image, strict=True):
             out[image_id] = to_coco_results([image_id], [poses], [scores])
         return out
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_results = {}
 
     def on_test_epoch_start(self) -> None:
         self._eval_results = {}
@@ -315,6 +384,8 @@ class PINetModule(pl.LightningModule):
                     # only the images this run evaluated: partial validation
                     # (limit_val_batches, sanity check) must not count the rest as misses
                     image_ids=image_ids,
+                    # the data's rule for invalid records applies to the ground truth too
+                    skip_invalid=bool(getattr(self.trainer.datamodule, "skip_invalid", False)),
                 )
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics["images"] = float(len(image_ids))

@@ -89,6 +89,9 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"predictor.py: expected a uint8 image (0..255), got {image.dtype}; "
                          "use image.astype(np.uint8) on 0..255 data")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"predictor.py: the image is empty ({image.shape[0]} x "
+                         f"{image.shape[1]} pixels); pass an image with pixels")
     return image
 
 

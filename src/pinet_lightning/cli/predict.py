@@ -1,12 +1,15 @@
 """``pinet-predict``: poses on a folder of images or a video (``conf/predict.yaml``).
 
-    pinet-predict ckpt_path=<.ckpt or model.pt> input=<folder | video file> output_dir=<dir>
+    pinet-predict ckpt_path=<.ckpt or model.pt> input=<folder | image | video> output_dir=<dir>
 
-Writes into ``output_dir`` (default: the run directory):
+An image that cannot be read (missing, a folder named like an image, truncated, corrupt) is
+skipped with a warning; the run goes on and lists them at the end (``unreadable.json``).
+Writes into ``output_dir`` (default: the run directory), ``results.json`` even when the run
+stops early (for the images read until then):
 
 - ``results.json``: COCO keypoint results (``image_id``, ``category_id`` 1, ``keypoints``
   ``[x, y, score] * K`` in the original pixels, ``score``);
-- ``image_ids.json``: ``[{"id", "file_name"}]`` (images: sorted file names, ids from 1;
+- ``image_ids.json``: ``[{"id", "file_name"}]`` (images read: sorted file names, ids from 1;
   video: ``frame_000000`` ..., ids = frame number + 1);
 - ``images/<name>`` or ``frames/frame_NNNNNN.jpg`` with the skeletons drawn, and for a video
   ``<video name>_poses.mp4``.
@@ -39,18 +42,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
-def _image_items(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+Item = tuple[str, "np.ndarray | Exception"]
+
+
+def _image_items(files: list[Path]) -> Iterator[Item]:
+    """(name, RGB image) per file, or (name, the error) for a file that cannot be read."""
     from pinet_lightning.predictor import load_image
 
+    for path in files:
+        try:
+            yield path.name, load_image(path)
+        except (OSError, ValueError) as err:  # missing, a folder, truncated, corrupt
+            yield path.name, err
+
+
+def _image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"pinet-predict: no images ({', '.join(IMAGE_SUFFIXES)}) in "
                                 f"{folder}")
-    for path in files:
-        yield path.name, load_image(path)
+    return files
 
 
-def _video_items(path: Path, max_frames: int | None) -> Iterator[tuple[str, np.ndarray]]:
+def _video_items(path: Path, max_frames: int | None) -> Iterator[Item]:
     import cv2
 
     capture = cv2.VideoCapture(str(path))
@@ -88,8 +102,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     source = Path(str(cfg.input)).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"pinet-predict: input={cfg.input} does not exist (a folder of "
-                                "images or a video file)")
-    is_video = source.is_file()
+                                "images, an image or a video file)")
+    single_image = source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES
+    is_video = source.is_file() and not single_image
     if is_video and source.suffix.lower() not in VIDEO_SUFFIXES:
         log.warning("%s: not a known video suffix %s; trying OpenCV anyway", source,
                     VIDEO_SUFFIXES)
@@ -105,12 +120,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
              predictor.device)
 
-    items = _video_items(source, cfg.get("max_frames")) if is_video else _image_items(source)
+    if is_video:
+        items = _video_items(source, cfg.get("max_frames"))
+    else:
+        items = _image_items([source] if single_image else _image_files(source))
     drawn_dir = out_dir / ("frames" if is_video else "images")
     writer = None
     video_path = out_dir / f"{source.stem}_poses.mp4"
     results: list[dict] = []
     image_ids: list[dict] = []
+    unreadable: list[dict] = []
     batch: list[tuple[str, np.ndarray]] = []
 
     def flush() -> None:
@@ -141,23 +160,35 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
         batch.clear()
 
-    for item in items:
-        batch.append(item)
-        if len(batch) >= predictor.batch_size:
+    try:
+        for name, item in items:
+            if isinstance(item, Exception):  # reported at the end; the others go on
+                log.warning("skipping %s: %s", name, item)
+                unreadable.append({"file_name": name, "error": str(item)})
+                continue
+            batch.append((name, item))
+            if len(batch) >= predictor.batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    if writer is not None:
-        writer.release()
-
-    (out_dir / "results.json").write_text(json.dumps(results))
-    (out_dir / "image_ids.json").write_text(json.dumps(image_ids, indent=1))
-    summary = {"images": len(image_ids), "poses": len(results),
+    finally:
+        # whatever happened, the results of the images read so far are written
+        if writer is not None:
+            writer.release()
+        (out_dir / "results.json").write_text(json.dumps(results))
+        (out_dir / "image_ids.json").write_text(json.dumps(image_ids, indent=1))
+        if unreadable:
+            (out_dir / "unreadable.json").write_text(json.dumps(unreadable, indent=1))
+    summary = {"images": len(image_ids), "poses": len(results), "unreadable": len(unreadable),
                "results_json": str(out_dir / "results.json"), "output_dir": str(out_dir)}
     if writer is not None:
         summary["video"] = str(video_path)
     log.info("%d %s, %d poses -> %s", len(image_ids), "frames" if is_video else "images",
              len(results), out_dir)
+    if unreadable:
+        log.warning("%d images could not be read (listed in %s): %s", len(unreadable),
+                    out_dir / "unreadable.json",
+                    "; ".join(f"{u['file_name']}: {u['error']}" for u in unreadable[:10]))
     return summary
 
 

@@ -4,10 +4,17 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
 (``outputs/<task_name>/runs/<time>`` or ``run_dir=...``) receives:
 
 - ``config.yaml``: the resolved config (Hydra's own composition is in ``.hydra/``);
-- ``checkpoints/``: ``epoch_NNN.ckpt`` (best ``val/AP``), ``last.ckpt`` and ``model.pt``
-  (the inference model of the best checkpoint, :func:`pinet_lightning.model.save_model`);
+- ``checkpoints/``: ``last.ckpt`` (every epoch end and on interrupts,
+  :class:`~pinet_lightning.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
+  and ``model.pt`` (the inference model of the reported checkpoint,
+  :func:`pinet_lightning.model.save_model`);
 - ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
   first val images; ``csv/`` (or the chosen loggers) with per-step logs and evaluation jsons.
+
+The reported checkpoint (tested, saved as ``model.pt``) is the last one by default, as
+published; ``reported_checkpoint=best`` picks the best ``val/AP`` one instead (see
+:func:`reported_checkpoint`). ``metrics.json`` and ``model.pt`` are only replaced by a run
+that reached a later step than the one that wrote them.
 
 Resuming: ``ckpt_path=last run_dir=<run>`` continues that run from its ``last.ckpt``; with
 ``resume=auto`` (the default) a run whose directory already holds ``last.ckpt`` resumes by
@@ -38,7 +45,7 @@ from pinet_lightning.cli.common import (
 )
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 
-__all__ = ["main", "train", "prediction_figure"]
+__all__ = ["main", "train", "prediction_figure", "reported_checkpoint"]
 
 log = logging.getLogger("pinet_lightning.train")
 
@@ -185,20 +192,20 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(format_metrics(trainer.callback_metrics))
-    # read before testing: trainer.test(ckpt_path=best) restores the callback's older state
+    # read before testing: trainer.test(ckpt_path=...) restores the callbacks' older state
     progress = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
-    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
-    best = getattr(ckpt_cb, "best_model_path", "") or None
-    last = getattr(ckpt_cb, "last_model_path", "") or None
+    best_by_val, last, best_score = _checkpoint_paths(trainer)
+    # `best`: the checkpoint reported, i.e. tested and saved as model.pt (reported_checkpoint)
+    best = reported_checkpoint(cfg.get("reported_checkpoint", "last"), best_by_val, last)
     if not cfg.get("train", True) and ckpt_path is not None:
         best = str(ckpt_path)  # test (and save) the given checkpoint
-    if ckpt_cb is not None and getattr(ckpt_cb, "best_model_score", None) is not None:
-        metrics["best/val/AP"] = float(ckpt_cb.best_model_score)
+    if best_score is not None:
+        metrics["best/val/AP"] = best_score
 
     tested = False
     if cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None):
         if best is None and trainer.is_global_zero:
-            log.warning("no best checkpoint (no validation ran): testing the current weights")
+            log.warning("no checkpoint to report: testing the current weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
         for res in results:
             metrics.update(format_metrics(res))
@@ -211,18 +218,80 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         model.load_state_dict(state)
     metrics.update({
         **progress,
-        "start_step": start.start_step,
+        # no on_train_start when a resumed run is already at its end
+        "start_step": (start.start_step if start.start_step is not None or not
+                       cfg.get("train", True) else progress["global_step"]),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
-        "best_checkpoint": best,
+        "reported_checkpoint": best,
+        "best_checkpoint": best_by_val,
         "last_checkpoint": last,
         "run_dir": str(out_dir),
     })
-    _save_outputs(cfg, model, datamodule, out_dir, best, metrics)
-    metrics["wall_time_s"] = round(time.time() - started, 1)
-    write_metrics(out_dir / "metrics.json", metrics)
+    previous = _recorded_step(out_dir / "metrics.json")
+    if previous is not None and progress["global_step"] <= previous:
+        # a resume that trained nothing new (or a test-only run) must not replace the
+        # outputs of the run that got further
+        log.warning("metrics.json and model.pt of %s are kept: they come from step %d and "
+                    "this run ended at step %d", out_dir, previous, progress["global_step"])
+        metrics["outputs_kept_from_step"] = previous
+    else:
+        _save_outputs(cfg, model, datamodule, out_dir, best, metrics)
+        metrics["wall_time_s"] = round(time.time() - started, 1)
+        write_metrics(out_dir / "metrics.json", metrics)
     print_metric_table(metrics, title=f"PINet {cfg.get('task_name', 'train')}: {out_dir}")
     log.info("run directory: %s", out_dir)
     return metrics
+
+
+REPORTED = ("last", "best")
+
+
+def reported_checkpoint(rule: str, best_by_val: str | None, last: str | None) -> str | None:
+    """The checkpoint a run reports (tests and saves as ``model.pt``), ``reported_checkpoint``:
+
+    - ``last`` (default, as published): the final weights, ``last.ckpt``. On COCO and
+      OCHuman the validation split is the test split, so picking by val/AP would select
+      on the test set.
+    - ``best``: the best val/AP checkpoint (falls back to ``last`` when no validation ran).
+    """
+    rule = str(rule).lower()
+    if rule not in REPORTED:
+        raise ValueError(f"reported_checkpoint must be one of {REPORTED}, got '{rule}'")
+    if rule == "best" and best_by_val:
+        return best_by_val
+    if rule == "best" and last:
+        log.warning("reported_checkpoint=best but no val/AP checkpoint exists: reporting %s",
+                    last)
+    return last or None
+
+
+def _checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None, float | None]:
+    """(best val/AP checkpoint, last checkpoint, best val/AP) from the trainer's callbacks."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from pinet_lightning.callbacks import LastCheckpoint
+
+    best = last = score = None
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, LastCheckpoint):
+            last = last or cb.last_model_path or None
+        elif isinstance(cb, ModelCheckpoint):
+            if cb.monitor and best is None:
+                best = cb.best_model_path or None
+                if cb.best_model_score is not None:
+                    score = float(cb.best_model_score)
+            last = last or cb.last_model_path or None  # a user's save_last=true
+    return best, last, score
+
+
+def _recorded_step(path: Path) -> int | None:
+    """``global_step`` of an existing metrics.json (None: none, or unreadable)."""
+    import json
+
+    try:
+        return int(json.loads(path.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main() -> None:
