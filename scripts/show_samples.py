@@ -68,7 +68,7 @@ def main() -> None:
         out = ds.augment(image, kps, mask=mask, boxes=boxes)
         ignored = out["mask"] == 0 if out["mask"] is not None else None
         cells = out["keypoints"].copy()
-        cells[..., :2] = (cells[..., :2] - ds.cell_offset) / ds.output_stride
+        cells[..., :2] = ds.convention.input_to_cell(cells[..., :2], ds.output_stride)
         targets = ds.codec.encode(cells, out["areas"])
         heat = cv2.resize(targets["part_heatmaps"].max(0), (args.size, args.size))
         tinted = out["image"].astype(np.float32)

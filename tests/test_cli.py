@@ -174,6 +174,39 @@ def test_pinet_eval_reproduces_the_test_metrics(trained, tmp_path):
     assert val["val/AP"] == pytest.approx(metrics["val/AP"], abs=1e-9)
 
 
+def test_eval_and_predict_with_converted_published_weights(trained, tmp_path):
+    """pinet-convert's model.pt (random published weights) through pinet-eval and
+    pinet-predict: the data follow the network's published convention."""
+    import torch
+
+    from pinet_lightning.convert import convert_published
+
+    run_dir, _ = trained
+    spec = json.loads((REPO / "tests" / "data" / "published_crowdpose_state.json").read_text())
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v, generator=gen) * 0.01 for k, v in spec["tensors"].items()}
+    torch.save(state, tmp_path / "pub.pth")
+    model = convert_published(tmp_path / "pub.pth", tmp_path / "pub.pt")
+    out = tmp_path / "eval"
+    data = run_dir.parent / "data"
+    _run([_bin("pinet-eval"), f"ckpt_path={model}", f"run_dir={out}", "data=synthetic",
+          f"paths.data_dir={data}", *[o for o in TINY if o.startswith("data.")],
+          "trainer.accelerator=cpu", "threads=1"], tmp_path)
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["convention"] == "published" and result["protocol"] == "crowdpose"
+    assert 0.0 <= result["test/AP"] <= 1.0
+    images = tmp_path / "in"
+    images.mkdir()
+    for path in sorted((data / "synthetic" / "val" / "images").glob("*.jpg")):
+        (images / path.name).write_bytes(path.read_bytes())
+    pred = tmp_path / "pred"
+    _run([_bin("pinet-predict"), f"ckpt_path={model}", f"input={images}", f"output_dir={pred}",
+          "device=cpu", "threads=1", "input_size=64", "draw=false"], tmp_path)
+    ids = json.loads((pred / "image_ids.json").read_text())
+    assert len(ids) == 2
+    assert all(len(r["keypoints"]) == 42 for r in json.loads((pred / "results.json").read_text()))
+
+
 def test_pinet_predict_on_a_folder_and_a_video(trained, tmp_path):
     import cv2
 

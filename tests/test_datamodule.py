@@ -88,3 +88,24 @@ def test_lightning_can_inject_a_distributed_sampler(tmp_path):
     assert new.sampler is sampler and new.collate_fn is train_collate
     batch = next(iter(new))
     assert tuple(batch["image"].shape) == (2, 3, 64, 64)
+
+
+def test_eval_samples_follow_the_network_convention(tmp_path):
+    """Evaluation images are resized as the network's convention says: ours pads right /
+    bottom, the published one warps the image centred."""
+    import numpy as np
+
+    from pinet_lightning.conventions import get_convention
+
+    ours, published = _dm(tmp_path), _dm(tmp_path, convention="published")
+    for dm in (ours, published):
+        dm.prepare_data()
+        dm.setup("validate")
+    image, _, _ = ours.val_dataset.load(0)
+    a, b = ours.val_dataset[0], published.val_dataset[0]
+    want = get_convention("published").resize(image, 64)
+    assert torch.equal(b["image"], torch.from_numpy(want[0]).permute(2, 0, 1))
+    np.testing.assert_allclose(b["back_transform"].numpy(), want[1], atol=1e-6)
+    assert not torch.allclose(a["back_transform"], b["back_transform"])
+    with pytest.raises(ValueError, match="unknown convention"):
+        _dm(tmp_path, convention="pixel")

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pinet_lightning.augmentation import TrainAugmentation
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.layouts import get_layout
 from pinet_lightning.targets import PINetTargetCodec
@@ -133,9 +134,11 @@ class PINetDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         skip_invalid: bool = False,
+        convention: str = "cell_center",
     ) -> None:
         super().__init__()
         self.layout = get_layout(layout)
+        self.convention = get_convention(convention).name  # the network's (model.network)
         if protocol not in ("coco", "crowdpose"):
             raise ValueError(f"protocol must be 'coco' or 'crowdpose', got '{protocol}'")
         self.protocol = protocol
@@ -227,7 +230,7 @@ class PINetDataModule(pl.LightningDataModule):
             entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
             output_stride=self.output_stride, targets=self.targets,
             augmentation=self.augmentation, **self.people,
-            skip_invalid=self.skip_invalid,
+            skip_invalid=self.skip_invalid, convention=self.convention,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:

@@ -3,15 +3,17 @@
 Train mode returns the training sample of docs/architecture.md: ``image`` uint8 (3, S, S)
 after :class:`~pinet_lightning.augmentation.TrainAugmentation` and the six PINet targets from
 :class:`~pinet_lightning.targets.PINetTargetCodec`, computed in the loader worker. Eval mode
-returns ``image`` uint8 (3, H, W) from :func:`~pinet_lightning.augmentation.inference_resize`,
-``back_transform`` (2, 3), ``image_id`` and ``orig_size`` (h, w).
+returns ``image`` uint8 (3, H, W) resized as the convention says (ours:
+:func:`~pinet_lightning.augmentation.inference_resize`), ``back_transform`` (2, 3),
+``image_id`` and ``orig_size`` (h, w).
 
 Choices:
 
-- Keypoints go from input pixels to output cells with the pixel-center convention:
-  ``x_out = (x_in - (stride - 1) / 2) / stride`` (cell ``i`` is the center of input pixels
-  ``4i .. 4i + 3``), the inverse of decoding's ``x_in = stride * x_out + 1.5``; the ignore
-  mask is shrunk by area averaging, which uses the same alignment.
+- Keypoints go from input pixels to output cells with the network's cell/pixel convention
+  (:mod:`pinet_lightning.conventions`; ours, ``cell_center``: ``x_out = (x_in - 1.5) / 4``,
+  cell ``i`` the center of input pixels ``4i .. 4i + 3``, the inverse of decoding's
+  ``x_in = 4 x_out + 1.5``); the ignore mask is shrunk by area averaging, which uses the
+  ``cell_center`` alignment.
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
 - People (SPEC 2.0, the published dataset): every annotation that is not a crowd region,
@@ -60,7 +62,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from pinet_lightning.annotations import load_json, validate_coco_keypoints
-from pinet_lightning.augmentation import TrainAugmentation, inference_resize
+from pinet_lightning.augmentation import TrainAugmentation
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.layouts import Layout, get_layout
 
 __all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "check_image_files",
@@ -251,6 +254,8 @@ class CocoKeypointDataset(Dataset):
         skip_invalid: invalid records and unusable image files (see
             :mod:`pinet_lightning.annotations`) are skipped with a logged count and ids
             instead of raising.
+        convention: the cell/pixel convention of the network trained or evaluated
+            (``cell_center``, ours; ``published``).
     """
 
     def __init__(
@@ -267,6 +272,7 @@ class CocoKeypointDataset(Dataset):
         ignore_regions: bool = False,
         min_image_keypoints: int | None = None,
         skip_invalid: bool = False,
+        convention: str = "cell_center",
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
@@ -289,7 +295,7 @@ class CocoKeypointDataset(Dataset):
         self.ignore_regions = bool(ignore_regions)
         self.min_image_keypoints = None if min_image_keypoints is None else int(
             min_image_keypoints)
-        self.cell_offset = (self.output_stride - 1) / 2.0  # output cell center in input px
+        self.convention = get_convention(convention)
         self.skip_invalid = bool(skip_invalid)
         self.coco = _load_coco(self.annotation_file, self.layout, self.skip_invalid)
         ids = sorted(self.coco.getImgIds())
@@ -378,7 +384,7 @@ class CocoKeypointDataset(Dataset):
         image, info, anns = self.load(index)
         h, w = image.shape[:2]
         if not self.train:
-            resized, back = inference_resize(image, self.input_size, self.multiple)
+            resized, back = self.convention.resize(image, self.input_size, self.multiple)
             return {
                 "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
                 "back_transform": torch.from_numpy(back.astype(np.float32)),
@@ -389,7 +395,7 @@ class CocoKeypointDataset(Dataset):
         kps, boxes, mask = self.people(anns, h, w)
         out = self.augment(image, kps, mask=mask, boxes=boxes, areas=boxes[:, 2] * boxes[:, 3])
         cells = out["keypoints"].copy()
-        cells[..., :2] = (cells[..., :2] - self.cell_offset) / self.output_stride
+        cells[..., :2] = self.convention.input_to_cell(cells[..., :2], self.output_stride)
         size = self.input_size // self.output_stride
         small = cv2.resize(out["mask"].astype(np.float32), (size, size),
                            interpolation=cv2.INTER_AREA)  # fmt: skip

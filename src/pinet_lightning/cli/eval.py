@@ -66,12 +66,15 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")
     out_dir = start_run(cfg)
 
-    predictor = load_inference_net(cfg.ckpt_path)
+    predictor = load_inference_net(cfg.ckpt_path,
+                                   trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
     net_config = {k: v for k, v in predictor.net.config.items() if k != "layout"}
     layout = predictor.layout.to_dict()
     model = PINetModule(layout=layout, network=net_config, decode=to_plain(cfg.decode))
     model.net.load_state_dict(predictor.net.state_dict())
-    datamodule = instantiate(_data_config(cfg), layout=layout, _convert_="all")
+    # the data follow the network: its layout and its cell/pixel convention (input resizing)
+    datamodule = instantiate(_data_config(cfg), layout=layout,
+                             convention=predictor.net.convention.name, _convert_="all")
     if datamodule.layout.num_keypoints != model.layout.num_keypoints:
         raise ValueError(f"pinet-eval: the checkpoint's layout has {model.layout.num_keypoints}"
                          f" keypoints but the data has {datamodule.layout.num_keypoints}")
@@ -94,7 +97,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         shutil.copyfile(written[-1], out_dir / "results.json")
         metrics["results_json"] = str(out_dir / "results.json")
     metrics.update({"checkpoint": str(Path(str(cfg.ckpt_path)).resolve()), "split": split,
-                    "protocol": datamodule.protocol, "run_dir": str(out_dir)})
+                    "protocol": datamodule.protocol, "convention": datamodule.convention,
+                    "run_dir": str(out_dir)})
     write_metrics(out_dir / "metrics.json", metrics)
     print_metric_table(metrics, title=f"PINet eval ({split}): {cfg.ckpt_path}")
     return metrics

@@ -116,6 +116,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     predictor = load_inference_net(cfg.ckpt_path, device=str(cfg.get("device", "auto")),
                                    input_size=cfg.get("input_size"),
                                    batch_size=int(cfg.get("batch_size", 1)),
+                                   trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
                                    **to_plain(cfg.decode))
     log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
              predictor.device)

@@ -32,6 +32,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from pinet_lightning.checkpoints import load_file
 from pinet_lightning.cli.common import (
     format_metrics,
     instantiate_group,
@@ -188,9 +189,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         for lg in trainer.loggers:
             lg.log_hyperparams({"config": config})
 
+    # checkpoints are read without running code unless the user trusts them explicitly
+    safe_load = not cfg.get("trust_checkpoint", False)
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=safe_load)
         metrics.update(format_metrics(trainer.callback_metrics))
     # read before testing: trainer.test(ckpt_path=...) restores the callbacks' older state
     progress = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
@@ -206,7 +209,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None):
         if best is None and trainer.is_global_zero:
             log.warning("no checkpoint to report: testing the current weights")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best,
+                               weights_only=safe_load)
         for res in results:
             metrics.update(format_metrics(res))
         tested = best is not None
@@ -214,7 +218,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     if best is not None and not tested:  # the model file holds the best weights
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_file(best, trust_checkpoint=not safe_load)["state_dict"]
         model.load_state_dict(state)
     metrics.update({
         **progress,
