@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate_keypoints": "evaluation",
     "to_coco_results": "evaluation",
     "Predictor": "predictor",
+    "convert_published": "convert",
+    "load_network": "checkpoints",
     "Person": "predictor",
     "load_image": "predictor",
     "draw_poses": "visualize",
@@ -80,6 +82,8 @@ __all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
     "to_coco_results",
     "Predictor",
     "Person",
+    "convert_published",
+    "load_network",
     "load_image",
     "draw_poses",
 ]
@@ -99,6 +103,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from pinet_lightning.checkpoints import load_network
+    from pinet_lightning.convert import convert_published
     from pinet_lightning.datamodule import PINetDataModule
     from pinet_lightning.datasets import CocoKeypointDataset, dataset_paths
     from pinet_lightning.decoding import DecodeConfig, predict_poses
