@@ -166,9 +166,13 @@ def test_pinet_eval_reproduces_the_test_metrics(trained, tmp_path):
     assert isinstance(results, list)
     assert all(len(r["keypoints"]) == 14 * 3 for r in results)
     assert "AP" in proc.stdout  # the printed table
-    # the inference model file works too, on the val split
+    # the inference model file works too, on the val split, away from its run directory:
+    # the data settings travel in the file, no config.yaml is read
+    moved = tmp_path / "elsewhere" / "model.pt"
+    moved.parent.mkdir()
+    moved.write_bytes((run_dir / "checkpoints" / "model.pt").read_bytes())
     out2 = tmp_path / "eval_val"
-    _run([_bin("pinet-eval"), f"ckpt_path={run_dir / 'checkpoints' / 'model.pt'}",
+    _run([_bin("pinet-eval"), f"ckpt_path={moved}",
           f"run_dir={out2}", "split=val", "trainer.accelerator=cpu", "threads=1"], tmp_path)
     val = json.loads((out2 / "metrics.json").read_text())
     assert val["val/AP"] == pytest.approx(metrics["val/AP"], abs=1e-9)

@@ -113,15 +113,17 @@ def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
     bare = tmp_path / "bare.pt"
     save_model(bare, small_net)
     assert Predictor.from_checkpoint(bare, device="cpu").input_size == 512
-    # a Lightning checkpoint in <run>/checkpoints/ reads <run>/config.yaml
+    # a Lightning checkpoint carries its data module's settings, input size included (no
+    # config.yaml is read: a stray one beside the file changes nothing)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text("data:\n  input_size: 256\n")
+    (run / "config.yaml").write_text("data:\n  input_size: 999\n")
     hparams = {"layout": small_net.layout.to_dict(),
                "network": {"backbone": "hrnet_w18_small", "refine_layers": 1}}
     state = {f"net.{k}": v for k, v in small_net.state_dict().items()}
     ckpt = run / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    torch.save({"state_dict": state, "hyper_parameters": hparams,
+                "datamodule_hyper_parameters": {"input_size": 256}}, ckpt)
     assert Predictor.from_checkpoint(ckpt, device="cpu").input_size == 256
 
 

@@ -76,6 +76,8 @@ class LoadedNetwork:
             weights).
         decode: the decoding settings the file records (may be empty).
         input_size: the input size the network was trained at, when the file says.
+        data: the data module's settings of the training run (``PINetDataModule`` keyword
+            arguments), when the file has them.
         extra: the remaining metadata (``save_model``'s ``extra``, or the Lightning
             hyper-parameters).
     """
@@ -84,6 +86,7 @@ class LoadedNetwork:
     kind: str
     decode: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,9 +110,10 @@ def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
         raise CheckpointError(f"checkpoint '{path}': its weights do not fit the network of its "
                               f"hyper-parameters: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}")
-    size = dict(blob.get("datamodule_hyper_parameters") or {}).get("input_size")
+    data = dict(blob.get("datamodule_hyper_parameters") or {})
+    size = data.get("input_size")
     return LoadedNetwork(net=net, kind="lightning", decode=dict(hp.get("decode") or {}),
-                         input_size=int(size) if size else None, extra=hp)
+                         input_size=int(size) if size else None, data=data, extra=hp)
 
 
 def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetwork:
@@ -126,9 +130,10 @@ def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetw
     if isinstance(blob, Mapping) and blob.get("format") == FORMAT:
         net = network_from_blob(blob, path)
         extra = dict(blob.get("extra") or {})
-        size = extra.get("input_size")
+        data = dict(extra.get("data") or {})
+        size = extra.get("input_size") or data.get("input_size")
         loaded = LoadedNetwork(net=net, kind="model", decode=dict(extra.get("decode") or {}),
-                               input_size=int(size) if size else None, extra=extra)
+                               input_size=int(size) if size else None, data=data, extra=extra)
     elif isinstance(blob, Mapping) and "state_dict" in blob and "hyper_parameters" in blob:
         loaded = _from_lightning(blob, path)
     elif is_published_state(blob):

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pinet_lightning.augmentation import TrainAugmentation
+from pinet_lightning.config import to_plain
 from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.layouts import get_layout
@@ -137,6 +138,11 @@ class PINetDataModule(pl.LightningDataModule):
         convention: str = "cell_center",
     ) -> None:
         super().__init__()
+        # Every checkpoint then carries the data settings (``datamodule_hyper_parameters``):
+        # pinet-eval and the Predictor read them there, not from the run's config.yaml.
+        self.save_hyperparameters(to_plain({
+            key: value for key, value in locals().items() if key not in ("self", "__class__")
+        }), logger=False)
         self.layout = get_layout(layout)
         self.convention = get_convention(convention).name  # the network's (model.network)
         if protocol not in ("coco", "crowdpose"):

@@ -50,11 +50,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from pinet_lightning.config import to_plain as _plain
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
 from pinet_lightning.layouts import Layout, get_layout
@@ -78,26 +78,6 @@ DECODE_DEFAULTS: dict[str, Any] = {"flip_test": True, "top_k": 30, "score_thresh
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite: the run diverged (the message says where)."""
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers, tuples and Layouts -> plain dicts / lists / scalars."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    if isinstance(value, Layout):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = True
@@ -159,6 +139,8 @@ class PINetModule(pl.LightningModule):
             :class:`NonFiniteLossError` stops the run); None: every step on the CPU, every
             100 steps on an accelerator, where a check is a host-device sync (the flag
             stays on the device in between). Also checked at each epoch end.
+        net: an already built :class:`PINet` to use (e.g. a loaded checkpoint's); its layout
+            and config then replace ``layout`` and ``network``.
     """
 
     def __init__(
@@ -174,8 +156,11 @@ class PINetModule(pl.LightningModule):
         val_annotation_file: str | None = None,
         test_annotation_file: str | None = None,
         finite_check_every: int | None = None,
+        net: PINet | None = None,
     ) -> None:
         super().__init__()
+        if net is not None:  # an already built network (pinet-eval): its own layout and config
+            layout, network = net.layout, net.config
         layout = _plain(layout)
         network = _merge("network", NETWORK_DEFAULTS, network, strict=False)
         loss = _merge("loss", LOSS_DEFAULTS, loss)
@@ -191,7 +176,7 @@ class PINetModule(pl.LightningModule):
             else str(test_annotation_file),
         })
         self.layout = get_layout(layout)
-        self.net = PINet(self.layout, **network)
+        self.net = net if net is not None else PINet(self.layout, **network)
         self.criterion = PINetLoss(**loss)
         self.decode_cfg = DecodeConfig.from_any(decode)  # unknown fields: a ValueError
         self._channels_last = False

@@ -26,7 +26,7 @@ from pinet_lightning.datasets import read_image
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.layouts import Layout, get_layout
 
-__all__ = ["Person", "Predictor", "load_image", "trained_input_size", "run_config_file"]
+__all__ = ["Person", "Predictor", "load_image"]
 
 ImageInput = np.ndarray | str | Path
 
@@ -42,35 +42,6 @@ class Person:
 
 # One image reader for training data and inference (EXIF orientation ignored, RGB uint8).
 load_image = read_image
-
-
-def run_config_file(path: str | Path) -> Path | None:
-    """The ``config.yaml`` of the training run a checkpoint belongs to: pinet-train writes
-    checkpoints to ``<run>/checkpoints/``; a config beside the file also counts."""
-    path = Path(path).resolve()
-    for folder in (path.parent.parent, path.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
-
-
-def trained_input_size(path: str | Path, blob: Mapping[str, Any] | None = None) -> int | None:
-    """The input size a checkpoint's network was trained at: what the file records (a
-    ``save_model`` file's ``extra["input_size"]``, a converted published file's 512), else
-    ``data.input_size`` of the run's config (:func:`run_config_file`); None when neither says.
-
-    A network run at another scale than it was trained at finds people of the wrong size.
-    """
-    size = (blob.get("extra") or {}).get("input_size") if isinstance(blob, Mapping) else None
-    if size:
-        return int(size)
-    config = run_config_file(path)
-    if config is None:
-        return None
-    from omegaconf import OmegaConf
-
-    size = OmegaConf.select(OmegaConf.load(config), "data.input_size", default=None)
-    return int(size) if size else None
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -136,7 +107,9 @@ class Predictor:
         Decoding settings come from the file (its ``decode`` settings), then
         ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``); the cell/
         pixel convention is the network's. ``input_size`` None: the size the network was
-        trained at (see :func:`trained_input_size`), else 512. The file is read safely:
+        trained at, as the file records it (``model.pt``'s ``extra``, the data settings a
+        Lightning checkpoint carries, 512 for the published weights), else 512. The file is
+        read safely:
         ``trust_checkpoint=True`` allows one that needs the full unpickler (it can run code).
         """
         from pinet_lightning.checkpoints import load_network
@@ -145,7 +118,7 @@ class Predictor:
         known = set(DecodeConfig.__dataclass_fields__)
         decode = {k: v for k, v in loaded.decode.items() if k in known}
         if input_size is None:
-            input_size = loaded.input_size or trained_input_size(path) or 512
+            input_size = loaded.input_size or 512
         return cls(loaded.net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
                    input_size=input_size, device=device, min_score=min_score,
                    batch_size=batch_size)

@@ -33,7 +33,6 @@ __all__ = [
     "rich_console",
     "write_metrics",
     "to_plain",
-    "run_config_for",
     "load_inference_net",
 ]
 
@@ -128,10 +127,10 @@ def start_run(cfg: DictConfig) -> Path:
 
 
 def to_plain(cfg: Any) -> Any:
-    """A DictConfig, resolved, as plain python."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
+    """A DictConfig, resolved, as plain python (:func:`pinet_lightning.config.to_plain`)."""
+    from pinet_lightning.config import to_plain as plain
+
+    return plain(cfg)
 
 
 def save_config(cfg: DictConfig, path: Path) -> Path:
@@ -269,16 +268,6 @@ def write_metrics(path: Path, metrics: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True, default=str))
     return path
-
-
-def run_config_for(ckpt_path: str | Path) -> DictConfig | None:
-    """The resolved ``config.yaml`` of the training run a checkpoint / model file belongs to
-    (:func:`pinet_lightning.predictor.run_config_file`), or None."""
-    from pinet_lightning.predictor import run_config_file
-
-    path = run_config_file(ckpt_path)
-    cfg = OmegaConf.load(path) if path is not None else None
-    return cfg if isinstance(cfg, DictConfig) else None
 
 
 def load_inference_net(ckpt_path: str | Path, **options: Any) -> Any:

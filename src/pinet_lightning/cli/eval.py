@@ -3,9 +3,11 @@
     pinet-eval ckpt_path=outputs/synthetic/runs/<time>/checkpoints/last.ckpt
     pinet-eval ckpt_path=w32.ckpt data=crowdpose split=test paths.data_dir=/datasets
 
-The network and its layout come from the checkpoint (a Lightning ``.ckpt`` or a
-``model.pt``); the data from ``data=...`` or, by default, from the training run's own
-``config.yaml``. Prints the metric table and writes ``metrics.json`` and ``results.json``
+The network, its layout and its cell/pixel convention come from the checkpoint (a Lightning
+``.ckpt``, a ``model.pt`` or the published weights, read by
+:func:`~pinet_lightning.checkpoints.load_network`);
+the data from ``data=...`` or, by default, from the data settings the checkpoint carries (its
+training run's). Prints the metric table and writes ``metrics.json`` and ``results.json``
 (COCO keypoint results) into the run directory. ``trainer=ddp`` evaluates on several devices.
 """
 
@@ -19,11 +21,10 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from pinet_lightning.checkpoints import load_network
 from pinet_lightning.cli.common import (
     format_metrics,
-    load_inference_net,
     print_metric_table,
-    run_config_for,
     run_hydra,
     start_run,
     to_plain,
@@ -36,18 +37,23 @@ __all__ = ["main", "evaluate"]
 log = logging.getLogger("pinet_lightning.eval")
 
 
-def _data_config(cfg: DictConfig) -> DictConfig:
+def _datamodule(cfg: DictConfig, loaded: Any) -> Any:
+    """The data: ``data=...`` when given, else the training run's data settings the
+    checkpoint carries; either way the network's layout and convention."""
+    from hydra.utils import instantiate
+
+    from pinet_lightning.datamodule import PINetDataModule
+
+    follow = {"layout": loaded.net.layout.to_dict(), "convention": loaded.net.convention.name}
     if cfg.get("data") is not None:
-        return cfg.data
-    run_cfg = run_config_for(cfg.ckpt_path)
-    if run_cfg is None or run_cfg.get("data") is None:
+        return instantiate(cfg.data, **follow, _convert_="all")
+    if not loaded.data:
         raise ValueError(
-            f"pinet-eval: no data=... given and no training-run config.yaml next to "
-            f"{cfg.ckpt_path} (expected <run>/config.yaml): pass data=<synthetic | crowdpose | "
-            "coco | ochuman | custom> (and its paths)"
-        )
-    log.info("data config of the training run %s", Path(str(cfg.ckpt_path)).resolve())
-    return run_cfg.data
+            f"pinet-eval: no data=... given and {cfg.ckpt_path} carries no data settings (a "
+            "checkpoint of an older version, or the published weights): pass data=<synthetic "
+            "| crowdpose | coco | ochuman | custom> (and its paths)")
+    log.info("data settings of the training run, from %s", cfg.ckpt_path)
+    return PINetDataModule(**{**loaded.data, **follow})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -66,15 +72,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")
     out_dir = start_run(cfg)
 
-    predictor = load_inference_net(cfg.ckpt_path,
-                                   trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
-    net_config = {k: v for k, v in predictor.net.config.items() if k != "layout"}
-    layout = predictor.layout.to_dict()
-    model = PINetModule(layout=layout, network=net_config, decode=to_plain(cfg.decode))
-    model.net.load_state_dict(predictor.net.state_dict())
-    # the data follow the network: its layout and its cell/pixel convention (input resizing)
-    datamodule = instantiate(_data_config(cfg), layout=layout,
-                             convention=predictor.net.convention.name, _convert_="all")
+    loaded = load_network(Path(str(cfg.ckpt_path)).expanduser(),
+                          trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
+    model = PINetModule(net=loaded.net, decode=to_plain(cfg.decode))
+    datamodule = _datamodule(cfg, loaded)
     if datamodule.layout.num_keypoints != model.layout.num_keypoints:
         raise ValueError(f"pinet-eval: the checkpoint's layout has {model.layout.num_keypoints}"
                          f" keypoints but the data has {datamodule.layout.num_keypoints}")

@@ -132,6 +132,7 @@ def _save_outputs(cfg: DictConfig, model: Any, datamodule: Any, out_dir: Path,
         extra = {"decode": model.decode_cfg.to_dict(),
                  "protocol": getattr(datamodule, "protocol", None),
                  "input_size": getattr(datamodule, "input_size", None),
+                 "data": to_plain(dict(getattr(datamodule, "hparams", {}))),
                  "checkpoint": best, "metrics": format_metrics(metrics)}
         save_model(path, model.net, extra=extra)
         metrics["model_path"] = str(path)
