@@ -101,6 +101,15 @@ def test_render_windows_one_window_by_hand():
     assert window[1].sum() == 2 and heat[1].sum() == 0.375  # one row (length 1), two columns
 
 
+def test_windows_refuse_a_soft_ignore_mask():
+    kp = np.array([[[5.0, 6.0, 2.0]] * K])
+    soft = np.full((12, 12), 0.5, np.float32)
+    dense = encode_targets(kp, [100.0], "crowdpose", (12, 12), ignore_mask=soft)
+    assert dense["heatmap_mask"].max() == 0.5  # the dense maps keep any weight
+    with pytest.raises(ValueError, match="0/1"):
+        encode_targets(kp, [100.0], "crowdpose", (12, 12), ignore_mask=soft, **SPARSE)
+
+
 def test_collate_concatenates_with_batch_offsets():
     dense, sparse = _samples(3)
     batch = train_collate(sparse)
