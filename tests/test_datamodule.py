@@ -40,9 +40,9 @@ def test_attributes(tmp_path):
         PINetDataModule(protocol="mpii")
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_loaders_yield_batches(tmp_path, workers):
-    dm = _dm(tmp_path, workers=workers)
+@pytest.mark.parametrize(("workers", "sparse"), [(0, True), (1, True), (0, False), (1, False)])
+def test_loaders_yield_batches(tmp_path, workers, sparse):
+    dm = _dm(tmp_path, workers=workers, sparse_targets=sparse)
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -50,9 +50,20 @@ def test_loaders_yield_batches(tmp_path, workers):
     assert loader.persistent_workers == (workers > 0)
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (2, 3, 64, 64) and batch["image"].dtype == torch.uint8
-    assert tuple(batch["heatmaps"].shape) == (2, 14, 16, 16)
-    assert tuple(batch["offsets"].shape) == (2, 3 * 14 * 2, 16, 16)
-    assert tuple(batch["offset_weights"].shape) == (2, 84, 16, 16)
+    if not sparse:
+        assert tuple(batch["heatmaps"].shape) == (2, 14, 16, 16)
+        assert tuple(batch["offsets"].shape) == (2, 3 * 14 * 2, 16, 16)
+        assert tuple(batch["offset_weights"].shape) == (2, 84, 16, 16)
+    else:
+        assert "offsets" not in batch and "heatmaps" not in batch
+        assert batch["target_shape"] == (14, 3, 16, 16)  # a tuple, not a tensor
+        index = batch["omega_index"]
+        assert index.dtype == torch.int32 and len(index) > 0
+        assert bool((index[1:] > index[:-1]).all()) and int(index[-1]) < 2 * 42 * 16 * 16
+        assert batch["omega_offsets"].shape == (len(index), 2)
+        assert tuple(batch["ignore_mask"].shape) == (2, 16, 16)
+        assert tuple(batch["bg_weight"].shape) == (2,)
+        assert int(batch["window_channel"].max()) < 2 * 17
     val = next(iter(dm.val_dataloader()))
     assert tuple(val["image"].shape) == (1, 3, 64, 64)
     assert tuple(val["back_transform"].shape) == (1, 2, 3)

@@ -338,11 +338,12 @@ def test_omega_format_is_the_dense_targets_without_zeros():
     dense = encode_targets(kp, areas, "crowdpose", (32, 40))
     omega = encode_targets(kp, areas, "crowdpose", (32, 40), offsets_format="omega")
     assert set(omega) == set(TARGET_KEYS[:4]) | {"omega_index", "omega_offsets",
-                                                 "omega_weights"}
+                                                 "omega_weights", "target_shape"}
     for key in TARGET_KEYS[:4]:
         np.testing.assert_array_equal(omega[key], dense[key])
+    assert omega["target_shape"].tolist() == [14, 3, 32, 40]  # K, P, H, W
     index = omega["omega_index"]
-    assert index.dtype == np.int64 and len(np.unique(index)) == len(index)
+    assert index.dtype == np.int64 and (np.diff(index) > 0).all()  # ascending, unique
     assert omega["omega_offsets"].shape == (len(index), 2)
     assert omega["omega_weights"].dtype == np.float32 and (omega["omega_weights"] > 0).all()
     assert len(index) == (dense["offset_weights"] > 0).sum() // 2

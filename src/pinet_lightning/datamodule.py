@@ -53,8 +53,11 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
 }
 _TARGET_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(PINetTargetCodec)
-    if f.name not in ("layout", "output_size", "offsets_format")
+    if f.name not in ("layout", "output_size", "offsets_format", "heatmaps_format")
 }
+# data.sparse_targets: what the loader workers emit (and what crosses to the main process)
+_FORMATS = {True: {"offsets_format": "omega", "heatmaps_format": "windows"},
+            False: {"offsets_format": "dense", "heatmaps_format": "dense"}}
 _AUGMENTATION_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(TrainAugmentation).parameters.items()
     if name not in ("flip_index", "input_size", "seed")
@@ -67,9 +70,62 @@ INPUT_MULTIPLE = 32  # the backbone's coarsest stride (HRNet's 1/32 branch)
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 
 
-def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack every key of the training samples."""
-    return {key: torch.stack([s[key] for s in batch]) for key in batch[0]}
+_OMEGA_KEYS = ("omega_index", "omega_offsets", "omega_weights")
+_WINDOW_KEYS = ("window_channel", "window_first", "window_length", "window_gauss")
+
+
+def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Stack the dense keys of the training samples; concatenate the sparse ones.
+
+    Sparse samples (``offsets_format="omega"`` / ``heatmaps_format="windows"`` of
+    :func:`~pinet_lightning.targets.encode_targets`) carry ``target_shape`` (K, P, H, W).
+    Their Omega entries are concatenated with batch offsets: ``omega_index`` becomes the
+    ascending flat position in (B, P*K, H, W) (int32 while that fits, the bytes that cross
+    the worker boundary), and each Gaussian window's ``window_channel`` its channel in
+    (B * (K + P)); ``target_shape`` stays a tuple of ints (never moved to a device).
+    :func:`~pinet_lightning.targets.heatmap_targets` and
+    :class:`~pinet_lightning.targets.OmegaBatch` read the result on the device.
+    """
+    first = batch[0]
+    out: dict[str, Any] = {}
+    sparse = set(_OMEGA_KEYS + _WINDOW_KEYS) & set(first)
+    for key in first:
+        if key not in sparse and key != "target_shape":
+            out[key] = torch.stack([s[key] for s in batch])
+    if not sparse:
+        return out
+    if "target_shape" not in first:
+        raise KeyError(f"train_collate: sparse samples (keys {sorted(sparse)}) need "
+                       "'target_shape' (K, P, H, W); build them with encode_targets")
+    shapes = {tuple(int(v) for v in s["target_shape"]) for s in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"train_collate: samples of one batch have different target shapes "
+                         f"{sorted(shapes)} (K, P, H, W); use one layout and input size")
+    k, p, h, w = out["target_shape"] = shapes.pop()
+    if "omega_index" in first:
+        block = p * k * h * w
+        dtype = torch.int32 if len(batch) * block < 2**31 else torch.int64
+        parts = []
+        for b, s in enumerate(batch):
+            index = s["omega_index"]
+            # encode_targets writes each sample's Omega ascending and unique: the batch is
+            # then ascending too, which the loss's searches rely on.
+            if len(index) and (int(index[0]) < 0 or int(index[-1]) >= block
+                               or not bool((index[1:] > index[:-1]).all())):
+                raise ValueError(f"train_collate: sample {b} of the batch has Omega indices "
+                                 f"that are not ascending, unique and in [0, {block}) (P*K*H*W "
+                                 f"for target_shape {(k, p, h, w)}); build them with "
+                                 "encode_targets(offsets_format='omega')")
+            parts.append(index.to(dtype) + b * block)
+        out["omega_index"] = torch.cat(parts)
+        out["omega_offsets"] = torch.cat([s["omega_offsets"] for s in batch])
+        out["omega_weights"] = torch.cat([s["omega_weights"] for s in batch])
+    if "window_channel" in first:
+        out["window_channel"] = torch.cat([s["window_channel"].int() + b * (k + p)
+                                           for b, s in enumerate(batch)])  # fmt: skip
+        for key in _WINDOW_KEYS[1:]:
+            out[key] = torch.cat([s[key] for s in batch])
+    return out
 
 
 def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -136,6 +192,7 @@ class PINetDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         skip_invalid: bool = False,
         convention: str = "cell_center",
+        sparse_targets: bool = True,
     ) -> None:
         super().__init__()
         # Every checkpoint then carries the data settings (``datamodule_hyper_parameters``):
@@ -153,6 +210,11 @@ class PINetDataModule(pl.LightningDataModule):
         self.skip_invalid = bool(skip_invalid)
         # the effective settings: the codec's / augmentation's own defaults, then the overrides
         self.targets = {**_TARGET_DEFAULTS, **dict(targets or {})}
+        clash = sorted(set(self.targets) & set(_FORMATS[True]))
+        if clash:
+            raise ValueError(f"data.targets.{clash[0]} is chosen by data.sparse_targets "
+                             "(true: Omega and Gaussian windows, false: dense maps); remove it")
+        self.sparse_targets = bool(sparse_targets)
         self.augmentation = {**_AUGMENTATION_DEFAULTS, **dict(augmentation or {})}
         unknown = sorted(set(people or {}) - set(_PEOPLE_DEFAULTS))
         if unknown:
@@ -234,7 +296,8 @@ class PINetDataModule(pl.LightningDataModule):
                              "or data.synthetic")  # fmt: skip
         return CocoKeypointDataset(
             entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
-            output_stride=self.output_stride, targets=self.targets,
+            output_stride=self.output_stride,
+            targets={**self.targets, **_FORMATS[self.sparse_targets]},
             augmentation=self.augmentation, **self.people,
             skip_invalid=self.skip_invalid, convention=self.convention,
         )  # fmt: skip

@@ -1,8 +1,10 @@
 """COCO-format keypoint datasets (any layout) for training and evaluation.
 
 Train mode returns the training sample of docs/architecture.md: ``image`` uint8 (3, S, S)
-after :class:`~pinet_lightning.augmentation.TrainAugmentation` and the six PINet targets from
-:class:`~pinet_lightning.targets.PINetTargetCodec`, computed in the loader worker. Eval mode
+after :class:`~pinet_lightning.augmentation.TrainAugmentation` and the PINet targets from
+:class:`~pinet_lightning.targets.PINetTargetCodec`, computed in the loader worker: the six
+dense maps, or their sparse form when ``targets`` asks for it (``offsets_format="omega"``,
+``heatmaps_format="windows"``: what ``PINetDataModule`` does by default). Eval mode
 returns ``image`` uint8 (3, H, W) resized as the convention says (ours:
 :func:`~pinet_lightning.augmentation.inference_resize`), ``back_transform`` (2, 3),
 ``image_id`` and ``orig_size`` (h, w).

@@ -5,7 +5,8 @@ Contract for the LightningModule::
     criterion = PINetLoss(heatmap_weight=1.0, offset_weight=0.03, refine_weight=0.03,
                           beta=1 / 9, proposals_per_part=40, proposals_at_empty_cells=True)
     outputs = net(batch["image"])          # PINet.forward dict
-    losses = criterion(outputs, batch, net)  # batch: the six encode_targets keys (extra keys ok)
+    losses = criterion(outputs, batch, net)  # batch: from datamodule.train_collate, dense or
+                                             # sparse targets (extra keys ok)
     losses["loss"].backward()
     # losses: {"loss", "heatmap", "offset", "refine"}: float32 scalar tensors; "loss" is the
     # weighted total, the others are unweighted (log them as they are).
@@ -15,6 +16,12 @@ PINet (or the un-compiled ``_orig_mod`` of a compiled one). Everything runs on t
 the outputs without host syncs: the proposal count m of SPEC 4 is applied as a mask over a
 fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.proposals`), so the
 shapes are static. Losses are computed in float32 even under bf16 autocast.
+
+Sparse batches (``data.sparse_targets``, the default): the heatmap targets are rendered on
+the device from their Gaussian windows (:func:`~pinet_lightning.targets.heatmap_targets`,
+equal to the dense ones bit for bit), and the offset loss, the proposal scores and the refine
+targets read Omega's entries (:class:`~pinet_lightning.targets.OmegaBatch`) by gathers and
+sorted searches: the same values as the dense maps, no dense offset map is built.
 
 Refine loss, as the published trainer computes it: all valid proposals (B * m per part; m is
 the cap for every image when one image of the batch lacks the part) are refined, and the
@@ -33,12 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pinet_lightning.proposals import gather_at_cells, sample_proposals
+from pinet_lightning.proposals import Proposals, gather_at_cells, sample_proposals
+from pinet_lightning.targets import OmegaBatch, heatmap_targets
 
 __all__ = ["HeatmapLoss", "OffsetLoss", "RefineLoss", "PINetLoss", "weighted_smooth_l1"]
-
-TARGET_KEYS = ("heatmaps", "heatmap_mask", "part_heatmaps", "part_mask", "offsets",
-               "offset_weights")
 
 
 def weighted_smooth_l1(pred: Tensor, target: Tensor, weights: Tensor, beta: float) -> Tensor:
@@ -67,16 +72,30 @@ class HeatmapLoss(nn.Module):
 
 
 class OffsetLoss(nn.Module):
-    """Smooth L1 on the offset maps, on Omega alone (SPEC 4)."""
+    """Smooth L1 on the offset maps, on Omega alone (SPEC 4).
+
+    ``forward(offsets, target, weights)`` with dense targets and weights of the offsets'
+    shape, or ``forward(offsets, omega)`` with an :class:`OmegaBatch`: the predictions are
+    read at Omega's entries, each entry counting twice (x and y), as the dense weights do.
+    """
 
     def __init__(self, beta: float = 1 / 9) -> None:
         super().__init__()
         self.beta = beta
 
-    def forward(self, offsets: Tensor, target: Tensor, weights: Tensor) -> Tensor:
-        if offsets.shape != target.shape or target.shape != weights.shape:
+    def forward(self, offsets: Tensor, target: Tensor | OmegaBatch,
+                weights: Tensor | None = None) -> Tensor:
+        if isinstance(target, OmegaBatch):
+            b, p, k, h, w = target.shape
+            if tuple(offsets.shape) != (b, p * k * 2, h, w):
+                raise ValueError(f"losses.py: offsets {tuple(offsets.shape)} do not match "
+                                 f"Omega's (B, P*K*2, h, w) = {(b, p * k * 2, h, w)}")
+            return weighted_smooth_l1(target.at_entries(offsets), target.offsets,
+                                      target.weights[:, None].expand(-1, 2), self.beta)
+        if weights is None or offsets.shape != target.shape or target.shape != weights.shape:
             raise ValueError(f"losses.py: offsets {tuple(offsets.shape)}, targets "
-                             f"{tuple(target.shape)} and weights {tuple(weights.shape)} differ")
+                             f"{tuple(target.shape)} and weights "
+                             f"{None if weights is None else tuple(weights.shape)} differ")
         return weighted_smooth_l1(offsets, target, weights, self.beta)
 
 
@@ -115,37 +134,67 @@ class PINetLoss(nn.Module):
 
     def forward(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any], net: Any
                 ) -> dict[str, Tensor]:
-        missing = [k for k in TARGET_KEYS if k not in targets]
-        if missing:
-            raise KeyError(f"losses.py: the batch lacks target keys {missing}; it must carry "
-                           "the encode_targets dict (targets.py)")
-        heatmap = self.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"], targets)
-        offset = self.offset_loss(outputs["offsets"], targets["offsets"],
-                                  targets["offset_weights"])
-        refine = self.refine(outputs, targets, net)
+        heat = heatmap_targets(targets)
+        omega = self._omega(outputs, targets)
+        heatmap = self.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"], heat)
+        if omega is None:
+            offset = self.offset_loss(outputs["offsets"], targets["offsets"],
+                                      targets["offset_weights"])
+        else:
+            offset = self.offset_loss(outputs["offsets"], omega)
+        refine = self.refine(outputs, targets, net, heat=heat, omega=omega)
         total = (self.heatmap_weight * heatmap + self.offset_weight * offset
                  + self.refine_weight * refine)
         return {"loss": total, "heatmap": heatmap.detach(), "offset": offset.detach(),
                 "refine": refine.detach()}
 
-    def refine(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any], net: Any
-               ) -> Tensor:
-        """Sample the training proposals, refine them with ``net.refine``, return the loss."""
+    @staticmethod
+    def _omega(outputs: Mapping[str, Tensor], targets: Mapping[str, Any]) -> OmegaBatch | None:
+        """Omega of a sparse batch, None for dense offset targets."""
+        if "offsets" in targets and "offset_weights" in targets:
+            return None
+        return OmegaBatch.from_batch(targets, outputs["offsets"].shape[0])
+
+    def training_proposals(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any],
+                           heat: Mapping[str, Tensor] | None = None,
+                           omega: OmegaBatch | None = None) -> dict[str, Any]:
+        """The sampled proposals and what the refine loss compares at them.
+
+        Returns ``proposals`` (:class:`Proposals`), ``coarse`` (N, K, 2) offsets predicted
+        at their cells (detached), ``target`` (N, K, 2) target offsets and ``weights``
+        (N, K, 2) target offset weights times the proposals' validity.
+        """
         num_keypoints = outputs["heatmaps"].shape[1]
-        props = sample_proposals(targets["part_heatmaps"], targets["offset_weights"],
-                                 num_keypoints, self.proposals_per_part,
-                                 empty_cells=self.proposals_at_empty_cells)
+        if heat is None:
+            heat = heatmap_targets(targets)
+        if omega is None:
+            omega = self._omega(outputs, targets)
+        weight_source = targets["offset_weights"] if omega is None else omega
+        props: Proposals = sample_proposals(heat["part_heatmaps"], weight_source, num_keypoints,
+                                            self.proposals_per_part,
+                                            empty_cells=self.proposals_at_empty_cells)
         # The coarse poses come from the predicted offsets, detached (SPEC 4).
         coarse = gather_at_cells(outputs["offsets"].detach(), props.cells, props.batch_index,
                                  props.part_index, num_keypoints)
+        if omega is None:
+            target = gather_at_cells(targets["offsets"], props.cells, props.batch_index,
+                                     props.part_index, num_keypoints)
+            weights = gather_at_cells(targets["offset_weights"], props.cells,
+                                      props.batch_index, props.part_index, num_keypoints)
+        else:
+            target, weights = omega.at_cells(props.cells, props.batch_index, props.part_index)
+        weights = weights.float() * props.valid[:, None, None]
+        return {"proposals": props, "coarse": coarse, "target": target, "weights": weights}
+
+    def refine(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any], net: Any,
+               heat: Mapping[str, Tensor] | None = None, omega: OmegaBatch | None = None
+               ) -> Tensor:
+        """Sample the training proposals, refine them with ``net.refine``, return the loss."""
+        sampled = self.training_proposals(outputs, targets, heat, omega)
+        props, coarse = sampled["proposals"], sampled["coarse"]
         cells = props.cells.to(coarse.dtype)
         poses = cells[:, None, :] - coarse
         correction = net.refine(outputs["features"], poses, props.cells, props.batch_index,
                                 valid=props.valid)
         refined = coarse.float() + correction.float()
-        target = gather_at_cells(targets["offsets"], props.cells, props.batch_index,
-                                 props.part_index, num_keypoints)
-        weights = gather_at_cells(targets["offset_weights"], props.cells, props.batch_index,
-                                  props.part_index, num_keypoints)
-        weights = weights.float() * props.valid[:, None, None]
-        return self.refine_loss(refined, target, weights)
+        return self.refine_loss(refined, sampled["target"], sampled["weights"])

@@ -18,6 +18,10 @@ fixed cost of B * P * cap proposals.
 cells with a positive score are valid, so a part missing from one image no longer brings
 zero-score cells into the batch-norm statistics (the loss is the same: those cells carry
 no offset weight).
+
+The offset weights come dense (B, P*K*2, h, w) or as Omega's entries
+(:class:`~pinet_lightning.targets.OmegaBatch`, what the sparse loader sends): the scores, and
+so the proposals, are the same (the largest weight of a part at a cell is a max either way).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from pinet_lightning.targets import OmegaBatch
 
 __all__ = ["Proposals", "sample_proposals", "proposal_scores", "gather_at_cells"]
 
@@ -51,9 +57,17 @@ class Proposals:
         return self.cells.shape[0]
 
 
-def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints: int) -> Tensor:
-    """(B, P, h, w) score: part target heatmap x max of that part's offset weights."""
+def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
+                    num_keypoints: int) -> Tensor:
+    """(B, P, h, w) score: part target heatmap x max of that part's offset weights (dense
+    maps or Omega)."""
     b, p, h, w = part_heatmaps.shape
+    if isinstance(offset_weights, OmegaBatch):
+        if offset_weights.shape != (b, p, num_keypoints, h, w):
+            raise ValueError(
+                f"proposals.py: Omega of shape (B, P, K, h, w) = {offset_weights.shape} does "
+                f"not match part heatmaps {tuple(part_heatmaps.shape)} and K = {num_keypoints}")
+        return part_heatmaps * offset_weights.part_weights()
     if offset_weights.shape != (b, p * num_keypoints * 2, h, w):
         raise ValueError(
             f"proposals.py: offset_weights {tuple(offset_weights.shape)} should be "
@@ -63,13 +77,14 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints
     return part_heatmaps * weight
 
 
-def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor, num_keypoints: int,
-                     max_per_part: int = 40, empty_cells: bool = True) -> Proposals:
+def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
+                     num_keypoints: int, max_per_part: int = 40, empty_cells: bool = True
+                     ) -> Proposals:
     """Sample the training proposals of a batch (SPEC 4) from its targets.
 
     Args:
         part_heatmaps: (B, P, h, w) part target heatmaps.
-        offset_weights: (B, P*K*2, h, w) target offset weights.
+        offset_weights: (B, P*K*2, h, w) target offset weights, or Omega's entries.
         num_keypoints: K.
         max_per_part: the cap on proposals per image and part (40).
         empty_cells: True (published): the first m cells are valid whatever their score;

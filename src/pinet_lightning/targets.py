@@ -27,6 +27,15 @@ open, fixed here and tested in tests/test_targets.py:
   Where several people claim one cell and channel the smaller box area keeps it; equal
   areas go to the lower person index (deterministic, independent of numpy's write order).
 - Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
+
+Sparse forms (what the loader workers send by default, ``data.sparse_targets``): Omega's
+entries instead of the dense offsets and weights (``offsets_format="omega"``), and each
+Gaussian as its window's two 1-D factors instead of the four heatmap maps
+(``heatmaps_format="windows"``): about 0.15 MB instead of 13 MB for a crowded sample at 512.
+The torch half of this module reads a collated sparse batch on the device:
+:func:`heatmap_targets` renders the heatmaps (the float32 products and maxima of the dense
+encoder, so bit for bit the same maps) and :class:`OmegaBatch` serves the offset loss and
+the proposal sampling, with static shapes (no host sync).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from pinet_lightning.layouts import Layout, get_layout
 
@@ -45,6 +56,9 @@ __all__ = [
     "densify_offsets",
     "PINetTargetCodec",
     "part_centers",
+    "render_windows",
+    "heatmap_targets",
+    "OmegaBatch",
     "TARGET_KEYS",
 ]
 
@@ -155,37 +169,60 @@ def _part_centers(
     return centers, exists
 
 
-def _draw_gaussians(
-    heat: np.ndarray,
-    window: np.ndarray,
+def _gaussian_windows(
     xy: np.ndarray,
-    channel: np.ndarray,
     sigma: float,
     height: int,
     width: int,
     window_sigmas: float = 3.0,
     window_margin: float = 2.0,
-) -> None:
-    """Max-combine the Gaussians of all points into ``heat`` and set ``window`` to 1 on
-    their windows, in place. ``heat``/``window`` are flat float32 (C * H * W + 1,) buffers
-    whose last entry is a dump slot for cells off the map; ``xy`` (M, 2); ``channel`` (M,)."""
-    if not len(xy):
-        return
-    dump = heat.size - 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Gaussian window of each point ``xy`` (M, 2), clipped to the map, in separable form.
+
+    Returns ``first`` (M, 2) int32, the first window cell on the map (x, then y);
+    ``length`` (M, 2) int32, how many cells follow it (L at most); ``gauss`` (M, 2, L)
+    float32, the 1-D factors ``exp(-(c - x)^2 / 2 sigma^2)`` at cells ``first + 0..L-1``
+    (0 past ``length``). The window's value at cell (i, j) is ``gauss_y[j] * gauss_x[i]``
+    in float32: the dense encoder and :func:`render_windows` both compute exactly that.
+    """
     reach = window_sigmas * sigma + window_margin  # the window: cells strictly closer
     size = max(int(np.ceil(2.0 * reach)), 1)  # most cells a window spans along one axis
-    start = np.floor(xy - reach).astype(np.intp) + 1  # (M, 2) first cell of the window
-    stop = np.ceil(xy + reach).astype(np.intp) - 1  # (M, 2) last cell (inclusive)
-    cells = start[:, :, None] + np.arange(size)  # (M, 2, L): x cells, then y cells
-    ok = (cells <= stop[:, :, None]) & (cells >= 0)
-    ok &= cells < np.array([[width], [height]])  # (M, 2, L)
+    start = np.floor(xy - reach).astype(np.int64) + 1  # (M, 2) first cell of the window
+    stop = np.ceil(xy + reach).astype(np.int64) - 1  # (M, 2) last cell (inclusive)
+    first = np.maximum(start, 0)
+    last = np.minimum(stop, np.array([width - 1, height - 1]))
+    length = np.clip(last - first + 1, 0, size)
+    cells = first[:, :, None] + np.arange(size)  # (M, 2, L): x cells, then y cells
     # exp(-d^2 / 2 sigma^2) separates into an x factor times a y factor.
-    g = np.exp(-((cells - xy[:, :, None]) ** 2) / (2.0 * sigma**2)).astype(np.float32)
-    gauss = g[:, 1, :, None] * g[:, 0, None, :]  # (M, L rows, L cols)
-    rows = (channel[:, None] * height + cells[:, 1]) * width  # (M, L)
-    flat = np.where(ok[:, 1, :, None] & ok[:, 0, None, :], rows[:, :, None] + cells[:, 0, None, :],
-                    dump)  # fmt: skip
-    np.maximum.at(heat, flat.ravel(), gauss.ravel())
+    gauss = np.exp(-((cells - xy[:, :, None]) ** 2) / (2.0 * sigma**2)).astype(np.float32)
+    gauss[np.arange(size) >= length[:, :, None]] = 0.0
+    return first.astype(np.int32), length.astype(np.int32), gauss
+
+
+def _draw_windows(
+    heat: np.ndarray,
+    window: np.ndarray,
+    first: np.ndarray,
+    length: np.ndarray,
+    gauss: np.ndarray,
+    channel: np.ndarray,
+    height: int,
+    width: int,
+) -> None:
+    """Max-combine the windows of :func:`_gaussian_windows` into ``heat`` and set ``window``
+    to 1 on them, in place. ``heat``/``window`` are flat float32 (C * H * W + 1,) buffers
+    whose last entry is a dump slot for the cells outside a window; ``channel`` (M,)."""
+    if not len(first):
+        return
+    dump = heat.size - 1
+    steps = np.arange(gauss.shape[-1])
+    inside = steps < length[:, :, None]  # (M, 2, L)
+    cols = first[:, 0, None] + steps  # (M, L)
+    rows = (channel[:, None] * height + first[:, 1, None] + steps) * width  # (M, L)
+    flat = np.where(inside[:, 1, :, None] & inside[:, 0, None, :],
+                    rows[:, :, None] + cols[:, None, :], dump)  # fmt: skip
+    values = gauss[:, 1, :, None] * gauss[:, 0, None, :]  # (M, L rows, L cols) float32
+    np.maximum.at(heat, flat.ravel(), values.ravel())
     window[flat.ravel()] = 1.0
 
 
@@ -203,6 +240,7 @@ def encode_targets(
     offsets_format: str = "dense",
     window_sigmas: float = 3.0,
     window_margin: float = 2.0,
+    heatmaps_format: str = "dense",
 ) -> dict[str, np.ndarray]:
     """Build PINet's training targets for one sample (SPEC 2).
 
@@ -221,12 +259,20 @@ def encode_targets(
             False, the SPEC: every ``v > 0`` keypoint of the part).
         offsets_format: ``"dense"`` (the contract) or ``"omega"``: instead of ``offsets``
             and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
-            into the flattened (P*K, H, W) (channel pair ``p * K + k``, row, column),
-            ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,) float32,
-            about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
+            ascending into the flattened (P*K, H, W) (channel pair ``p * K + k``, row,
+            column), ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,)
+            float32, about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
         window_sigmas, window_margin: the Gaussian windows hold the cells strictly closer
             than ``window_sigmas * sigma + window_margin`` on each axis (SPEC: about 3 sigma;
             the published generator: 3 sigma + 2 cells).
+        heatmaps_format: ``"dense"`` (the contract) or ``"windows"``: instead of the four
+            heatmap keys, one Gaussian window per counting keypoint and drawn part center:
+            ``window_channel`` (M,) int32 (keypoint k, or K + part), ``window_first`` (M, 2)
+            and ``window_length`` (M, 2) int32 (the window's cells on the map, x then y),
+            ``window_gauss`` (M, 2, L) float32 (the x and y factors), ``ignore_mask`` (H, W)
+            uint8 (0/1; other values are refused) and ``bg_weight`` () float32;
+            :func:`heatmap_targets` renders the dense maps from them.
+            Either sparse form adds ``target_shape`` (4,) int64 = (K, P, H, W).
 
     Returns:
         float32 ``heatmaps`` (K,H,W), ``heatmap_mask`` (K,H,W), ``part_heatmaps`` (P,H,W),
@@ -247,6 +293,9 @@ def encode_targets(
     if offsets_format not in ("dense", "omega"):
         raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
                          f"got {offsets_format!r}")  # fmt: skip
+    if heatmaps_format not in ("dense", "windows"):
+        raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
+                         f"got {heatmaps_format!r}")  # fmt: skip
     if not 0.0 <= bg_weight <= 1.0:
         raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
     kp, ar, height, width, mask = _check_inputs(keypoints, areas, layout, output_size, ignore_mask)
@@ -263,32 +312,46 @@ def encode_targets(
     # The part Gaussian needs the center itself in the map (offsets only its int() cell).
     drawn = (center_xy[:, 0] >= 0) & (center_xy[:, 0] < width) & (center_xy[:, 1] >= 0) & (
         center_xy[:, 1] < height)
-    hw = height * width
-    heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
-    loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
-    xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]])
-    _draw_gaussians(heat, loss_mask, xy, np.concatenate([vk, k + cp[drawn]]), sigma, height,
-                    width, window_sigmas, window_margin)
-    heat = heat[:-1].reshape(k + p, height, width)
-    loss_mask = loss_mask[:-1].reshape(k + p, height, width)
-    if mask is not None:
-        loss_mask *= mask
+    xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]]).reshape(-1, 2)
+    channel = np.concatenate([vk, k + cp[drawn]])
+    first, length, gauss = _gaussian_windows(xy, sigma, height, width, window_sigmas,
+                                             window_margin)  # fmt: skip
+    out: dict[str, np.ndarray] = {}
+    if heatmaps_format == "windows":
+        if mask is None:
+            ignore = np.ones((height, width), np.uint8)
+        elif ((mask == 0) | (mask == 1)).all():
+            ignore = mask.astype(np.uint8)
+        else:
+            raise ValueError(f"{_WHERE}: heatmaps_format='windows' carries the ignore mask as "
+                             "0/1 bytes, but it holds other values; threshold it first "
+                             "(0 = ignore, 1 = keep) or use heatmaps_format='dense'")
+        out.update(window_channel=channel.astype(np.int32), window_first=first,
+                   window_length=length, window_gauss=gauss, ignore_mask=ignore,
+                   bg_weight=np.array(bg_weight, np.float32))  # fmt: skip
+    else:
+        hw = height * width
+        heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
+        loss_mask = np.full((k + p) * hw + 1, bg_weight, dtype=np.float32)
+        _draw_windows(heat, loss_mask, first, length, gauss, channel, height, width)
+        heat = heat[:-1].reshape(k + p, height, width)
+        loss_mask = loss_mask[:-1].reshape(k + p, height, width)
+        if mask is not None:
+            loss_mask *= mask
+        out.update(heatmaps=heat[:k], heatmap_mask=loss_mask[:k], part_heatmaps=heat[k:],
+                   part_mask=loss_mask[k:])  # fmt: skip
 
     at_pair, offset_xy, offset_w = _offset_claims(
         kp, ar, valid, cn, cp, center_xy, k, height, width, radius
     )
-    out = {
-        "heatmaps": heat[:k],
-        "heatmap_mask": loss_mask[:k],
-        "part_heatmaps": heat[k:],
-        "part_mask": loss_mask[k:],
-    }
     if offsets_format == "omega":
         out.update(omega_index=at_pair, omega_offsets=offset_xy, omega_weights=offset_w)
-        return out
-    out["offsets"], out["offset_weights"] = densify_offsets(
-        at_pair, offset_xy, offset_w, (p * k * 2, height, width)
-    )
+    else:
+        out["offsets"], out["offset_weights"] = densify_offsets(
+            at_pair, offset_xy, offset_w, (p * k * 2, height, width)
+        )
+    if offsets_format == "omega" or heatmaps_format == "windows":
+        out["target_shape"] = np.array([k, p, height, width], np.int64)
     return out
 
 
@@ -376,6 +439,7 @@ class PINetTargetCodec:
     offsets_format: str = "dense"
     window_sigmas: float = 3.0
     window_margin: float = 2.0
+    heatmaps_format: str = "dense"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", get_layout(self.layout))
@@ -399,6 +463,9 @@ class PINetTargetCodec:
         if self.offsets_format not in ("dense", "omega"):
             raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
                              f"got {self.offsets_format!r}")  # fmt: skip
+        if self.heatmaps_format not in ("dense", "windows"):
+            raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
+                             f"got {self.heatmaps_format!r}")  # fmt: skip
 
     def encode(
         self, keypoints: np.ndarray, areas: np.ndarray, ignore_mask: np.ndarray | None = None
@@ -418,4 +485,142 @@ class PINetTargetCodec:
             offsets_format=self.offsets_format,
             window_sigmas=self.window_sigmas,
             window_margin=self.window_margin,
+            heatmaps_format=self.heatmaps_format,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The sparse batch on the device: the loss and the proposal sampling read it as it is.
+
+
+def render_windows(channel: Tensor, first: Tensor, length: Tensor, gauss: Tensor,
+                   shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """Dense heatmaps and their window mask from Gaussian windows, on the windows' device.
+
+    Args:
+        channel: (M,) channel of each window in ``shape[0]`` (for a batch: image * (K + P)
+            + channel).
+        first, length, gauss: the window form of :func:`encode_targets`
+            (``heatmaps_format="windows"``): (M, 2), (M, 2), (M, 2, L).
+        shape: (C, H, W) of the output.
+    Returns:
+        ``heat`` (C, H, W) float32, max-combined as the dense encoder does (bit for bit), and
+        ``window`` (C, H, W) bool, True on every window cell. Static shapes: no host sync.
+    """
+    c, h, w = shape
+    steps = torch.arange(gauss.shape[-1], device=gauss.device)
+    first, length, channel = first.long(), length.long(), channel.long()
+    inside = steps < length[:, :, None]  # (M, 2, L)
+    cols = first[:, 0, None] + steps
+    rows = (channel[:, None] * h + first[:, 1, None] + steps) * w
+    dump = c * h * w  # cells outside a window go to one extra slot, dropped at the end
+    flat = torch.where(inside[:, 1, :, None] & inside[:, 0, None, :],
+                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)  # fmt: skip
+    values = (gauss[:, 1, :, None] * gauss[:, 0, None, :]).reshape(-1)  # float32 as numpy's
+    heat = torch.zeros(dump + 1, dtype=torch.float32, device=gauss.device)
+    heat.scatter_reduce_(0, flat, values.float(), reduce="amax")  # max: order-independent
+    window = torch.zeros(dump + 1, dtype=torch.bool, device=gauss.device)
+    window.index_fill_(0, flat, True)
+    return heat[:-1].view(c, h, w), window[:-1].view(c, h, w)
+
+
+HEATMAP_KEYS: tuple[str, ...] = TARGET_KEYS[:4]
+WINDOW_KEYS: tuple[str, ...] = ("window_channel", "window_first", "window_length",
+                                "window_gauss", "ignore_mask", "bg_weight", "target_shape")
+OMEGA_KEYS: tuple[str, ...] = ("omega_index", "omega_offsets", "omega_weights", "target_shape")
+
+
+def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The four dense heatmap targets of a training batch (B, K or P, H, W): the batch's own,
+    or rendered on its device from its Gaussian windows (what ``train_collate`` makes of
+    ``heatmaps_format="windows"`` samples; equal to the dense encoder's, bit for bit)."""
+    if all(key in batch for key in HEATMAP_KEYS):
+        return {key: batch[key] for key in HEATMAP_KEYS}
+    missing = [key for key in WINDOW_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"targets.py: the batch has neither the dense heatmap targets "
+                       f"{list(HEATMAP_KEYS)} nor the Gaussian windows (lacks {missing}); "
+                       "build it with encode_targets and datamodule.train_collate")
+    k, p, h, w = (int(v) for v in batch["target_shape"])
+    ignore = batch["ignore_mask"]
+    b = ignore.shape[0]
+    heat, window = render_windows(batch["window_channel"], batch["window_first"],
+                                  batch["window_length"], batch["window_gauss"],
+                                  (b * (k + p), h, w))  # fmt: skip
+    heat, window = heat.view(b, k + p, h, w), window.view(b, k + p, h, w)
+    # Loss weight 1 in a window, the background weight elsewhere, times the ignore mask.
+    background = batch["bg_weight"].float().view(b, 1, 1, 1)
+    mask = torch.where(window, torch.ones((), device=heat.device), background)
+    mask = mask * ignore.float()[:, None]
+    return {"heatmaps": heat[:, :k], "heatmap_mask": mask[:, :k],
+            "part_heatmaps": heat[:, k:], "part_mask": mask[:, k:]}
+
+
+@dataclass(frozen=True)
+class OmegaBatch:
+    """Omega of a training batch (the offset targets where a weight is set), on a device.
+
+    ``index`` (E,) long: ascending flat positions in (B, P*K, H, W), i.e.
+    ``((b * P + p) * K + k) * H * W + y * W + x``; ``offsets`` (E, 2) float32 (x, y);
+    ``weights`` (E,) float32; ``shape`` (B, P, K, H, W). Each entry stands for the two
+    dense channels ``(p * K + k) * 2 + c`` (x and y) at cell (x, y), which share its weight.
+    Every method uses gathers, scatters and searches of static shape: no host sync.
+    """
+
+    index: Tensor
+    offsets: Tensor
+    weights: Tensor
+    shape: tuple[int, int, int, int, int]
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any], batch_size: int) -> OmegaBatch:
+        """The Omega entries of a batch from ``train_collate`` (``omega_*`` keys)."""
+        missing = [key for key in OMEGA_KEYS if key not in batch]
+        if missing:
+            raise KeyError(f"targets.py: the batch has neither the dense offset targets "
+                           f"['offsets', 'offset_weights'] nor Omega (lacks {missing}); build "
+                           "it with encode_targets and datamodule.train_collate")
+        k, p, h, w = (int(v) for v in batch["target_shape"])
+        return cls(batch["omega_index"].long(), batch["omega_offsets"],
+                   batch["omega_weights"], (int(batch_size), p, k, h, w))
+
+    def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per entry: image, channel pair p * K + k, row, column."""
+        _, p, k, h, w = self.shape
+        plane, cell = self.index // (h * w), self.index % (h * w)
+        return plane // (p * k), plane % (p * k), cell // w, cell % w
+
+    def at_entries(self, maps: Tensor) -> Tensor:
+        """(E, 2): the x and y channels of dense offset maps (B, P*K*2, H, W) at Omega."""
+        b, pair, y, x = self._split()
+        channel = (2 * pair)[:, None] + torch.arange(2, device=pair.device)
+        return maps[b[:, None], channel, y[:, None], x[:, None]]
+
+    def part_weights(self) -> Tensor:
+        """(B, P, H, W): the largest offset weight of each part at each cell (0 off Omega),
+        the sparse form of ``offset_weights.view(B, P, K*2, H, W).amax(2)``."""
+        b, p, k, h, w = self.shape
+        part_cell = (self.index // (k * h * w)) * (h * w) + self.index % (h * w)
+        out = torch.zeros(b * p * h * w, dtype=self.weights.dtype, device=self.weights.device)
+        out.scatter_reduce_(0, part_cell, self.weights, reduce="amax")
+        return out.view(b, p, h, w)
+
+    def at_cells(self, cells: Tensor, batch_index: Tensor, part_index: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """Target offsets and weights (N, K, 2) of each proposal's own part at its cell
+        (x, y): the K keypoints' entries where Omega has them, 0 elsewhere, as the dense
+        maps read there would give."""
+        _, p, k, h, w = self.shape
+        cells = cells.long()
+        plane = (batch_index.long() * p + part_index.long())[:, None] * k + torch.arange(
+            k, device=cells.device)
+        query = plane * (h * w) + (cells[:, 1] * w + cells[:, 0])[:, None]  # (N, K)
+        # A sentinel past every query keeps the search result a valid position when E = 0.
+        index = torch.cat([self.index, self.index.new_full((1,), torch.iinfo(torch.int64).max)])
+        at = torch.searchsorted(index, query)  # (N, K), in 0..E
+        found = index[at] == query
+        offsets = torch.cat([self.offsets, self.offsets.new_zeros(1, 2)])[at]
+        weights = torch.cat([self.weights, self.weights.new_zeros(1)])[at]
+        offsets = torch.where(found[..., None], offsets, 0.0)
+        weights = torch.where(found, weights, 0.0)[..., None].expand(-1, -1, 2)
+        return offsets, weights
