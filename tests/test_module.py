@@ -151,7 +151,7 @@ def test_missing_ground_truth_is_a_clear_error(tmp_path):
     trainer = make_trainer(tmp_path)
     module.trainer = trainer
     with pytest.raises(ValueError, match="val_annotation_file"):
-        module._eval_source("val")
+        module.evaluator("val")
 
 
 # ----------------------------------------------------------- trainer tests
@@ -171,7 +171,7 @@ def fitted(synthetic_crowd, tmp_path_factory):
 
 
 def test_fit_logs_finite_losses_and_val_metrics(fitted):
-    module, trainer, _, _, root = fitted
+    module, trainer, dm, _, root = fitted
     metrics = trainer.callback_metrics
     for name in ("loss", "heatmap", "offset", "refine"):
         assert math.isfinite(float(metrics[f"train/{name}"])), name
@@ -185,6 +185,12 @@ def test_fit_logs_finite_losses_and_val_metrics(fitted):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
     assert (root / "results" / "val_epoch0.json").is_file()
     assert (root / "results" / "val_sanity.json").is_file()
+    # the last evaluation of the stage: its metrics and its results file, no globbing
+    evaluation = module.evaluations["val"]
+    assert evaluation.results_path == root / "results" / "val_epoch0.json"
+    assert evaluation.metrics["AP"] == pytest.approx(float(metrics["val/AP"]))
+    assert module.evaluator("val") == dm.evaluator("val")  # the data module's by default
+    assert dm.evaluator("val").protocol == "crowdpose"
 
 
 def test_checkpoint_reloads_with_identical_outputs(fitted):

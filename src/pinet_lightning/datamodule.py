@@ -36,6 +36,7 @@ from pinet_lightning.augmentation import TrainAugmentation
 from pinet_lightning.config import to_plain
 from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import CocoKeypointDataset
+from pinet_lightning.evaluation import KeypointEvaluator
 from pinet_lightning.layouts import get_layout
 from pinet_lightning.targets import PINetTargetCodec
 
@@ -253,6 +254,16 @@ class PINetDataModule(pl.LightningDataModule):
     @property
     def test_annotation_file(self) -> str | None:
         return None if self.splits["test"] is None else str(self.splits["test"][1])
+
+    def evaluator(self, stage: str) -> KeypointEvaluator:
+        """The evaluator of the ``val`` or ``test`` split: its annotation file, this data's
+        protocol, the layout's OKS sigmas and the ``skip_invalid`` rule."""
+        entry = self.splits.get(stage)
+        if entry is None:
+            raise ValueError(f"no {stage} data configured: set data.{stage}.images/annotations "
+                             "or data.synthetic")
+        return KeypointEvaluator(str(entry[1]), self.protocol, tuple(self.layout.sigmas),
+                                 skip_invalid=self.skip_invalid)
 
     # ------------------------------------------------------------------ data
     def _synthetic_knobs(self, split: str) -> dict[str, Any]:

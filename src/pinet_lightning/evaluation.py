@@ -25,7 +25,8 @@ import copy
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from pinet_lightning.annotations import (
     validate_coco_keypoints,
 )
 
-__all__ = ["evaluate_keypoints", "to_coco_results", "metric_names", "PROTOCOLS"]
+__all__ = ["evaluate_keypoints", "to_coco_results", "metric_names", "PROTOCOLS",
+           "KeypointEvaluator", "Evaluation", "merge_gathered_results"]
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +313,90 @@ def _order(protocol: str) -> tuple[str, ...]:
     if protocol == "coco":
         return ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
     return _CROWD_KEYS
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation gave: the metrics and where the results file was written."""
+
+    metrics: dict[str, float]
+    results_path: Path | None = None
+
+
+def merge_gathered_results(gathered: Iterable[Mapping[int, Sequence[dict]]]
+                           ) -> tuple[list[dict], list[int]]:
+    """Merge per-rank ``{image_id: results}`` dicts, keeping one copy of each image.
+
+    The DistributedSampler pads the last ranks with repeats of the first images, so an image
+    may arrive from two ranks; the first copy (lowest rank) is kept, every other image is
+    kept whole. Returns (flat COCO results ordered by image id, the unique image ids).
+    """
+    merged: dict[int, Sequence[dict]] = {}
+    for part in gathered:
+        for image_id, results in part.items():
+            merged.setdefault(int(image_id), results)
+    image_ids = sorted(merged)
+    flat = [r for image_id in image_ids for r in merged[image_id]]
+    return flat, image_ids
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside torch.distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@dataclass(frozen=True)
+class KeypointEvaluator:
+    """One ground truth, one protocol, one set of OKS sigmas (:func:`evaluate_keypoints`).
+
+    Call it with COCO results to evaluate them (and write them to ``results_path``), or use
+    :meth:`gather_and_evaluate` under DDP: every rank's results are gathered, evaluated once
+    on rank 0 and the metrics broadcast, so all ranks return the same values.
+    """
+
+    annotation_file: str
+    protocol: str = "coco"
+    sigmas: tuple[float, ...] | None = None
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", _check_protocol(self.protocol))
+
+    def __call__(self, results: list[dict] | str | Path, image_ids: Sequence[int] | None = None,
+                 results_path: str | Path | None = None) -> Evaluation:
+        metrics = evaluate_keypoints(self.annotation_file, results, self.protocol,
+                                     sigmas=self.sigmas, results_path=results_path,
+                                     image_ids=image_ids, skip_invalid=self.skip_invalid)
+        return Evaluation(metrics, None if results_path is None else Path(results_path))
+
+    def gather_and_evaluate(self, local: Mapping[int, Sequence[dict]], strategy: Any,
+                            results_path: str | Path | None = None) -> Evaluation:
+        """Evaluate every rank's ``{image_id: results}`` once (rank 0) and share the metrics.
+
+        Only the images the ranks evaluated count (partial validation, e.g. Lightning's sanity
+        check, must not count the rest as misses); ``images`` and ``poses`` are added to the
+        metrics. ``strategy``: a Lightning strategy (``is_global_zero``, ``broadcast``). An
+        evaluator error on rank 0 is raised on every rank, so that no rank waits forever.
+        """
+        gathered = _all_gather_objects(dict(local))
+        payload: dict[str, Any] = {}
+        if strategy.is_global_zero:
+            results, image_ids = merge_gathered_results(gathered)
+            try:
+                evaluation = self(results, image_ids, results_path)
+                metrics = {key: float(value) for key, value in evaluation.metrics.items()}
+                metrics.update(images=float(len(image_ids)), poses=float(len(results)))
+                payload = {"metrics": metrics, "results_path": results_path and str(results_path)}
+            except Exception as err:  # shared below
+                payload = {"error": f"{type(err).__name__}: {err}"}
+        payload = strategy.broadcast(payload, src=0)
+        if "error" in payload:
+            raise RuntimeError(f"evaluation of {self.annotation_file} failed on rank 0: "
+                               f"{payload['error']}")
+        path = payload.get("results_path")
+        return Evaluation(payload["metrics"], None if path is None else Path(path))

@@ -22,13 +22,13 @@ Gotchas (read before changing):
   eager network because its image sizes vary (a compiled graph would recompile per size).
   The compiled callable is kept outside the module tree so checkpoint keys stay ``net.*``.
 - Evaluation: every rank keeps ``{image_id: [COCO result dicts]}`` (an image with no pose
-  keeps an empty list, so its padded duplicate is still recognised). At epoch end the dicts
-  are gathered with ``all_gather_object``, merged keeping the first copy of each image (the
-  DistributedSampler pads duplicates), evaluated ONCE on rank 0, and the metric dict is
-  broadcast so every rank logs identical values (logged with a "max" sync, exact for equal
-  values, which silences Lightning's "use sync_dist" warning). An evaluator error on rank 0
-  is broadcast too and raised on every rank (no rank left waiting). Besides the protocol's
-  metrics, ``<stage>/images`` (unique images evaluated) and ``<stage>/poses`` are logged.
+  keeps an empty list, so its padded duplicate is still recognised). At epoch end the
+  stage's :class:`~pinet_lightning.evaluation.KeypointEvaluator` gathers them, evaluates ONCE
+  on rank 0 and broadcasts the metrics, so every rank logs identical values (logged with a
+  "max" sync, exact for equal values, which silences Lightning's "use sync_dist" warning).
+  Besides the protocol's metrics, ``<stage>/images`` (unique images evaluated) and
+  ``<stage>/poses`` are logged; ``self.evaluations[stage]`` keeps the metrics and the
+  results file of the stage's last evaluation.
 - Subclasses may override ``_predict_batch(batch) -> {image_id: [COCO result dicts]}`` (the
   tests do, with an oracle) to evaluate other predictions through the same gather path.
 - Sanity check: evaluation RUNS during ``trainer.sanity_checking`` on the few sanity batches
@@ -36,17 +36,17 @@ Gotchas (read before changing):
   hours of training. Lightning discards the values it logs then. The metrics are computed
   over every image of the ground truth, so partial validation (``limit_val_batches``, the
   sanity check) gives low AP: only full passes are comparable.
-- The ground truth comes from ``val_annotation_file`` / ``test_annotation_file`` /
-  ``eval_protocol`` given to this module when set (overrides), else from the datamodule's
-  attributes of the same names (``protocol``), else the protocol is ``crowdpose`` for the
-  CrowdPose layout and ``coco`` otherwise.
+- The evaluator is the data module's (``datamodule.evaluator(stage)``: annotation file,
+  protocol, layout sigmas) unless this module was given ``val_annotation_file`` /
+  ``test_annotation_file`` (then ``eval_protocol``, else the data module's ``protocol``, else
+  ``crowdpose`` for the CrowdPose layout and ``coco`` otherwise): see :meth:`evaluator`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,12 @@ from torch import Tensor
 
 from pinet_lightning.config import to_plain as _plain
 from pinet_lightning.decoding import DecodeConfig, predict_poses
-from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
+from pinet_lightning.evaluation import (
+    Evaluation,
+    KeypointEvaluator,
+    merge_gathered_results,
+    to_coco_results,
+)
 from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.losses import PINetLoss
 from pinet_lightning.model import PINet
@@ -104,23 +109,6 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
             return lowered == "true"
         raise ValueError(f"module.py: {name} must be 'auto', true or false, not '{value}'")
     return bool(value)
-
-
-def merge_gathered_results(gathered: Iterable[Mapping[int, Sequence[dict]]]
-                           ) -> tuple[list[dict], list[int]]:
-    """Merge per-rank ``{image_id: results}`` dicts, keeping one copy of each image.
-
-    The DistributedSampler pads the last ranks with repeats of the first images, so an image
-    may arrive from two ranks; the first copy (lowest rank) is kept, every other image is
-    kept whole. Returns (flat COCO results ordered by image id, the unique image ids).
-    """
-    merged: dict[int, Sequence[dict]] = {}
-    for part in gathered:
-        for image_id, results in part.items():
-            merged.setdefault(int(image_id), results)
-    image_ids = sorted(merged)
-    flat = [r for image_id in image_ids for r in merged[image_id]]
-    return flat, image_ids
 
 
 class PINetModule(pl.LightningModule):
@@ -182,6 +170,7 @@ class PINetModule(pl.LightningModule):
         self._channels_last = False
         self._compiled = False
         self._eval_results: dict[int, list[dict]] = {}
+        self.evaluations: dict[str, Evaluation] = {}  # the last evaluation of each stage
         if finite_check_every is not None and int(finite_check_every) < 1:
             raise ValueError(f"module.py: finite_check_every must be >= 1 or null, got "
                              f"{finite_check_every}")
@@ -334,20 +323,26 @@ class PINetModule(pl.LightningModule):
                  "scores": s.detach().float().cpu()}
                 for i, (p, s) in zip(ids, per_image, strict=True)]
 
-    def _eval_source(self, stage: str) -> tuple[str, str]:
-        """(ground-truth json, protocol) for ``stage`` ("val" / "test")."""
+    def evaluator(self, stage: str) -> KeypointEvaluator:
+        """The evaluator of ``stage`` ("val" / "test"): the data module's
+        (``datamodule.evaluator(stage)``: its annotation file, protocol and layout), unless
+        this module was given ``<stage>_annotation_file`` (then with ``eval_protocol``, else
+        the data module's protocol, else ``crowdpose`` for the CrowdPose layout and ``coco``
+        otherwise)."""
         key = f"{stage}_annotation_file"
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        gt = self.hparams.get(key) or getattr(dm, key, None)
-        if gt is None:
+        given = self.hparams.get(key)
+        if given is None and hasattr(dm, "evaluator"):
+            return dm.evaluator(stage)
+        if given is None:
             raise ValueError(
-                f"module.py: {stage} evaluation needs the ground-truth json: give the data "
-                f"module a '{key}' attribute or pass PINetModule({key}=...)"
+                f"module.py: {stage} evaluation needs the ground-truth json: use a data module "
+                f"with an evaluator(stage) (PINetDataModule) or pass PINetModule({key}=...)"
             )
-        protocol = self.hparams.get("eval_protocol") or getattr(dm, "protocol", None)
-        if protocol is None:
-            protocol = "crowdpose" if self.layout.name == "crowdpose" else "coco"
-        return str(gt), str(protocol)
+        protocol = (self.hparams.get("eval_protocol") or getattr(dm, "protocol", None)
+                    or ("crowdpose" if self.layout.name == "crowdpose" else "coco"))
+        return KeypointEvaluator(str(given), str(protocol), tuple(self.layout.sigmas),
+                                 skip_invalid=bool(getattr(dm, "skip_invalid", False)))
 
     def _results_dir(self) -> Path:
         # trainer.log_dir is a collective (it broadcasts): call it on every rank.
@@ -355,37 +350,15 @@ class PINetModule(pl.LightningModule):
         return Path(root) / "results"
 
     def _evaluate_epoch(self, stage: str, file_stem: str) -> None:
-        gt, protocol = self._eval_source(stage)
-        results_path = self._results_dir() / f"{file_stem}.json"
+        evaluator = self.evaluator(stage)
         local, self._eval_results = self._eval_results, {}
-        gathered = _all_gather_objects(local)
-        payload: dict[str, Any] = {}
-        if self.trainer.is_global_zero:
-            results, image_ids = merge_gathered_results(gathered)
-            try:
-                metrics = evaluate_keypoints(
-                    gt, results, protocol=protocol, sigmas=list(self.layout.sigmas),
-                    results_path=results_path,
-                    # only the images this run evaluated: partial validation
-                    # (limit_val_batches, sanity check) must not count the rest as misses
-                    image_ids=image_ids,
-                    # the data's rule for invalid records applies to the ground truth too
-                    skip_invalid=bool(getattr(self.trainer.datamodule, "skip_invalid", False)),
-                )
-                metrics = {k: float(v) for k, v in metrics.items()}
-                metrics["images"] = float(len(image_ids))
-                metrics["poses"] = float(len(results))
-                payload = {"metrics": metrics}
-            except Exception as err:  # shared below so that no rank waits forever
-                payload = {"error": f"{type(err).__name__}: {err}"}
-        payload = self.trainer.strategy.broadcast(payload, src=0)
-        if "error" in payload:
-            raise RuntimeError(f"module.py: {stage} evaluation failed on rank 0: "
-                               f"{payload['error']}")
+        evaluation = evaluator.gather_and_evaluate(
+            local, self.trainer.strategy, self._results_dir() / f"{file_stem}.json")
+        self.evaluations[stage] = evaluation
         # Every rank holds the same broadcast values. sync_dist=False would do, but Lightning
         # then warns on every epoch-level metric under DDP; a "max" reduction of identical
         # values is exact and costs one tiny all-reduce per metric per epoch.
-        for key, value in payload["metrics"].items():
+        for key, value in evaluation.metrics.items():
             self.log(f"{stage}/{key}", value, sync_dist=True, reduce_fx="max",
                      prog_bar=key == "AP")
 
@@ -405,13 +378,3 @@ def _as_list(value: Any) -> list:
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
-
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` outside torch.distributed."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered

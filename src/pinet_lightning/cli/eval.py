@@ -91,11 +91,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(format_metrics(res))
     if not trainer.is_global_zero:
         return metrics
-    written = sorted((out_dir / "results").glob(f"{split}_*.json"),
-                     key=lambda p: p.stat().st_mtime)
-    written = [p for p in written if not p.stem.endswith("_metrics")]
-    if written:
-        shutil.copyfile(written[-1], out_dir / "results.json")
+    evaluation = model.evaluations.get(split)
+    if evaluation is not None and evaluation.results_path is not None:
+        shutil.copyfile(evaluation.results_path, out_dir / "results.json")
         metrics["results_json"] = str(out_dir / "results.json")
     metrics.update({"checkpoint": str(Path(str(cfg.ckpt_path)).resolve()), "split": split,
                     "protocol": datamodule.protocol, "convention": datamodule.convention,
