@@ -68,17 +68,18 @@ from pinet_lightning.model import PINet
 
 __all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch"]
 
-# PINet's keyword arguments and their defaults, read off its signature so the two never drift
-NETWORK_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(PINet).parameters.items()
-    if name != "layout"
-}
-LOSS_DEFAULTS: dict[str, Any] = {"heatmap_weight": 1.0, "offset_weight": 0.03,
-                                 "refine_weight": 0.03, "beta": 1 / 9, "proposals_per_part": 40,
-                                 "proposals_at_empty_cells": True}
+
+
+def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments and their defaults, read off a signature so the two never drift."""
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if name not in skip and p.default is not inspect.Parameter.empty}
+
+
+NETWORK_DEFAULTS: dict[str, Any] = _defaults(PINet, skip=("layout",))
+LOSS_DEFAULTS: dict[str, Any] = _defaults(PINetLoss)
+DECODE_DEFAULTS: dict[str, Any] = DecodeConfig().to_dict()
 OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
-DECODE_DEFAULTS: dict[str, Any] = {"flip_test": True, "top_k": 30, "score_threshold": 0.01,
-                                   "oks_threshold": 0.7, "scales": [1.0]}
 
 
 class NonFiniteLossError(FloatingPointError):

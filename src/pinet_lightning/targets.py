@@ -119,6 +119,27 @@ def _check_inputs(
     return kp, ar, height, width, mask
 
 
+def _check_settings(sigma: float, radius: int, bg_weight: float, window_sigmas: float,
+                    window_margin: float, offsets_format: str, heatmaps_format: str) -> None:
+    """The target settings' checks, shared by :func:`encode_targets` and the codec."""
+    if not sigma > 0:
+        raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
+    if not window_sigmas > 0:
+        raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
+    if not window_margin >= 0:
+        raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got {window_margin}")
+    if int(radius) != radius or radius < 1:
+        raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
+    if offsets_format not in ("dense", "omega"):
+        raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
+                         f"got {offsets_format!r}")
+    if heatmaps_format not in ("dense", "windows"):
+        raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
+                         f"got {heatmaps_format!r}")
+    if not 0.0 <= bg_weight <= 1.0:
+        raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
+
+
 def _counting(kp: np.ndarray, height: int, width: int) -> np.ndarray:
     """(N, K) bool: v > 0 and inside [0, W) x [0, H) (False for NaN)."""
     x, y, v = kp[..., 0], kp[..., 1], kp[..., 2]
@@ -281,23 +302,9 @@ def encode_targets(
         part maps are views of one (K+P, H, W) block each (one Gaussian pass for both).
     """
     layout = get_layout(layout)
-    if not sigma > 0:
-        raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
-    if not window_sigmas > 0:
-        raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
-    if not window_margin >= 0:
-        raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got {window_margin}")
-    if int(radius) != radius or radius < 1:
-        raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
+    _check_settings(sigma, radius, bg_weight, window_sigmas, window_margin, offsets_format,
+                    heatmaps_format)
     radius = int(radius)
-    if offsets_format not in ("dense", "omega"):
-        raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
-                         f"got {offsets_format!r}")  # fmt: skip
-    if heatmaps_format not in ("dense", "windows"):
-        raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
-                         f"got {heatmaps_format!r}")  # fmt: skip
-    if not 0.0 <= bg_weight <= 1.0:
-        raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
     kp, ar, height, width, mask = _check_inputs(keypoints, areas, layout, output_size, ignore_mask)
     k, p = layout.num_keypoints, layout.num_parts
 
@@ -448,24 +455,8 @@ class PINetTargetCodec:
         if len(size) != 2 or min(size) <= 0:
             raise ValueError(f"{_WHERE}: output_size must be (H, W) > 0, got {self.output_size}")
         object.__setattr__(self, "output_size", size)
-        if not self.sigma > 0:
-            raise ValueError(f"{_WHERE}: sigma must be positive, got {self.sigma}")
-        if int(self.radius) != self.radius or self.radius < 1:
-            raise ValueError(f"{_WHERE}: radius must be a positive integer, got {self.radius}")
-        if not 0.0 <= self.bg_weight <= 1.0:
-            raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {self.bg_weight}")
-        if not self.window_sigmas > 0:
-            raise ValueError(f"{_WHERE}: window_sigmas must be positive, got "
-                             f"{self.window_sigmas}")
-        if not self.window_margin >= 0:
-            raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got "
-                             f"{self.window_margin}")
-        if self.offsets_format not in ("dense", "omega"):
-            raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
-                             f"got {self.offsets_format!r}")  # fmt: skip
-        if self.heatmaps_format not in ("dense", "windows"):
-            raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
-                             f"got {self.heatmaps_format!r}")  # fmt: skip
+        _check_settings(self.sigma, self.radius, self.bg_weight, self.window_sigmas,
+                        self.window_margin, self.offsets_format, self.heatmaps_format)
 
     def encode(
         self, keypoints: np.ndarray, areas: np.ndarray, ignore_mask: np.ndarray | None = None
