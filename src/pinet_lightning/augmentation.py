@@ -1,12 +1,9 @@
-"""Image geometry for training and inference.
+"""The training augmentation (algorithm.md 6).
 
-Pixel-center convention (docs/architecture.md): pixel ``(i, j)`` has coordinate ``(i, j)``, so a
-horizontal flip of a width-``W`` image maps ``x -> W - 1 - x`` (albumentations 2.x
-``HorizontalFlip`` uses the same rule), and a resize by ``s`` maps ``x -> (x + 0.5) s - 0.5``
-(what ``cv2.resize`` does).
+Pixel-center convention: pixel ``(i, j)`` has coordinate ``(i, j)``, so a horizontal flip of a
+width-``W`` image maps ``x -> W - 1 - x`` (albumentations 2.x ``HorizontalFlip`` uses the same
+rule). The inference resize lives in :mod:`pinet_lightning.images` (importable from here too).
 
-* :func:`inference_resize` (SPEC 5.1): short side to ``input_size``, long side rounded up to a
-  multiple of 64, aspect kept; the rounding is zero padding on the right / bottom.
 * :class:`TrainAugmentation` (SPEC 6, the published ``RandomAffineTransform`` +
   ``RandomHorizontalFlip``): fit the short side to ``input_size`` (exact, by us; area
   averaging when shrinking), then an albumentations pipeline: :class:`SquareCropAffine`
@@ -27,7 +24,6 @@ horizontal flip of a width-``W`` image maps ``x -> W - 1 - x`` (albumentations 2
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,64 +32,10 @@ import cv2
 import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 
+from pinet_lightning.images import check_image, fit_short_side, inference_resize
+
+# inference_resize and fit_short_side live in images.py; importable from here too
 __all__ = ["inference_resize", "TrainAugmentation", "SquareCropAffine", "fit_short_side"]
-
-
-def _resize_matrix(sx: float, sy: float) -> np.ndarray:
-    """2x3 affine of ``cv2.resize`` by (sx, sy) in pixel-center coordinates."""
-    return np.array([[sx, 0.0, 0.5 * (sx - 1.0)], [0.0, sy, 0.5 * (sy - 1.0)]])
-
-
-def _invert(m: np.ndarray) -> np.ndarray:
-    return cv2.invertAffineTransform(np.asarray(m, dtype=np.float64))
-
-
-def _resize(image: np.ndarray, width: int, height: int, interp: int | None = None) -> np.ndarray:
-    if interp is None:  # area averaging when shrinking avoids aliasing
-        interp = cv2.INTER_AREA if width < image.shape[1] else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interp)
-
-
-def _check_image(image: np.ndarray, where: str) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        got = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"{where}: expected an (H, W, 3) numpy image, got {got}")
-
-
-def inference_resize(
-    image: np.ndarray, input_size: int = 512, multiple: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resize for inference (SPEC 5.1).
-
-    Returns the network input (H', W', 3), both sides multiples of ``multiple`` (short side
-    ``input_size`` rounded up), and the float64 2x3 affine mapping network-input pixels back to
-    original pixels. The content fills the top-left ``round(w s) x round(h s)``; the rest is 0.
-    """
-    _check_image(image, "inference_resize")
-    if input_size < 1 or multiple < 1:
-        raise ValueError(f"input_size and multiple must be positive ({input_size}, {multiple})")
-    h, w = image.shape[:2]
-    scale = input_size / min(h, w)
-    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
-    out_w = math.ceil(cw / multiple) * multiple
-    out_h = math.ceil(ch / multiple) * multiple
-    resized = _resize(image, cw, ch)
-    if (out_h, out_w) != (ch, cw):
-        canvas = np.zeros((out_h, out_w, 3), dtype=image.dtype)
-        canvas[:ch, :cw] = resized
-        resized = canvas
-    # cv2.resize scales each axis by the integer size ratio, not exactly by ``scale``
-    back = _invert(_resize_matrix(cw / w, ch / h))
-    return resized, back
-
-
-def fit_short_side(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the short side is ``size`` (aspect kept); returns the image and the forward
-    2x3 affine original px -> resized px."""
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
-    return _resize(image, cw, ch), _resize_matrix(cw / w, ch / h)
 
 
 def _apply_affine(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -219,7 +161,7 @@ class TrainAugmentation:
         boxes: np.ndarray | None = None,
         areas: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        _check_image(image, "TrainAugmentation")
+        check_image(image, "TrainAugmentation")
         kps = np.asarray(keypoints, dtype=np.float64).reshape(-1, len(self.flip_index), 3)
         n, k = kps.shape[:2]
         if boxes is None:  # hull of the labelled keypoints

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pinet_lightning.images import inference_resize
 from pinet_lightning.sampling import sample_maps
 
 __all__ = ["Convention", "CellCenter", "Published", "get_convention", "CONVENTIONS"]
@@ -96,8 +97,6 @@ class CellCenter(Convention):
 
     def resize(self, image: np.ndarray, input_size: int,
                multiple: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        from pinet_lightning.augmentation import inference_resize
-
         return inference_resize(image, input_size, multiple)
 
 

@@ -66,6 +66,7 @@ from torch.utils.data import Dataset
 from pinet_lightning.annotations import load_json, validate_coco_keypoints
 from pinet_lightning.augmentation import TrainAugmentation
 from pinet_lightning.conventions import get_convention
+from pinet_lightning.images import check_image_files, image_file_problem, read_image
 from pinet_lightning.layouts import Layout, get_layout
 
 __all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "check_image_files",
@@ -108,110 +109,6 @@ def dataset_paths(
         s = split if split.endswith("2017") else f"{split}2017"
         return base / s, base / "annotations" / f"person_keypoints_{s}.json"
     return base / "images", base / f"ochuman_coco_format_{split}_range_0.00_1.00.json"
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); EXIF orientation ignored (annotations use the stored pixels).
-
-    A folder, a missing file, a truncated JPEG (OpenCV would fill the missing part with gray
-    and only print a warning) and an undecodable file are errors naming the file.
-    """
-    path = Path(path)
-    problem = image_file_problem(path, full=True)
-    if problem is not None:
-        raise _image_error(path, problem)
-    data = np.frombuffer(path.read_bytes(), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None or image.size == 0:
-        raise OSError(f"cannot decode image {path}: the file is corrupt or not an image; "
-                      "replace it or remove it from the annotation file")  # fmt: skip
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _image_error(path: Path, problem: str) -> OSError:
-    if problem == "missing":
-        return FileNotFoundError(f"image {path} does not exist; check the images folder")
-    if problem == "folder":
-        return IsADirectoryError(f"image {path} is a folder, not an image file")
-    return OSError(f"image {path} is a truncated JPEG ({problem}): the file was cut short "
-                   "(an interrupted download or copy?); replace it, or set "
-                   "data.skip_invalid=true to skip it")  # fmt: skip
-
-
-def _jpeg_truncation(data: bytes) -> str | None:
-    """Why a JPEG byte string is cut short, or None when it is whole (or not a JPEG).
-
-    The marker segments are walked to the first scan (SOS); the image is whole when an
-    end-of-image marker (FF D9) follows it. Inside scan data FF is always followed by 00 or
-    a restart marker, so an FF D9 there is the real end; data after it (a motion photo's
-    video, padding) is allowed.
-    """
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, n = 2, len(data)
-    while True:
-        if pos + 4 > n:
-            return "it ends inside its header"
-        if data[pos] != 0xFF:
-            return None  # not a marker: left to the decoder
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xDA:  # start of scan
-            break
-        elif marker == 0xD9:  # an end before any image data: left to the decoder
-            return None
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    if data.rfind(b"\xff\xd9") < pos:
-        return "no end-of-image marker after its image data"
-    return None
-
-
-def image_file_problem(path: Path, full: bool = False) -> str | None:
-    """``"missing"``, ``"folder"``, why a JPEG is truncated, or None when the file looks
-    whole. ``full=False`` (the start-up check of every image) reads the first and last bytes,
-    and the whole file only when these do not end the image."""
-    if not path.is_file():
-        return "folder" if path.is_dir() else "missing"
-    with open(path, "rb") as f:
-        if f.read(2) != b"\xff\xd8":
-            return None  # not a JPEG: the decoder finds other damage
-        if not full:
-            f.seek(0, 2)
-            f.seek(max(f.tell() - 64, 0))
-            if f.read().rstrip(b"\x00").endswith(b"\xff\xd9"):  # the common case
-                return None
-        f.seek(0)
-        return _jpeg_truncation(f.read())
-
-
-def check_image_files(images_dir: Path, records: list[dict], source: str | Path,
-                      skip_invalid: bool = False) -> set[int]:
-    """Ids of the image records whose files are missing, folders or truncated JPEGs: an
-    error naming them (and the fix) unless ``skip_invalid``, then logged and returned."""
-    found: dict[str, list[tuple[int, str]]] = {}
-    for info in records:
-        problem = image_file_problem(images_dir / info["file_name"])
-        if problem is not None:
-            kind = problem if problem in ("missing", "folder") else "truncated JPEG"
-            found.setdefault(kind, []).append((info["id"], info["file_name"]))
-    if not found:
-        return set()
-    lines = [f"  {len(v)} {kind} (image id file): "
-             + ", ".join(f"{i} {name}" for i, name in v[:5])
-             + (f" and {len(v) - 5} more" if len(v) > 5 else "") for kind, v in found.items()]
-    if not skip_invalid:
-        raise FileNotFoundError(
-            f"{source}: image files under {images_dir} that cannot be used:\n"
-            + "\n".join(lines) + "\nfix the images folder (data.<split>.images) or the files, "
-            "or set data.skip_invalid=true to skip these images"
-        )
-    log.warning("%s: skipped %d images whose files cannot be used (data.skip_invalid):\n%s",
-                source, sum(len(v) for v in found.values()), "\n".join(lines))
-    return {i for v in found.values() for i, _ in v}
 
 
 def _load_coco(annotation_file: Path, layout: Layout | None = None,

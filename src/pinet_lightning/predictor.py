@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from pinet_lightning.conventions import get_convention
-from pinet_lightning.datasets import read_image
 from pinet_lightning.decoding import DecodeConfig, predict_poses
+from pinet_lightning.images import read_image
 from pinet_lightning.layouts import Layout, get_layout
 
 __all__ = ["Person", "Predictor", "load_image"]
