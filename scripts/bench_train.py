@@ -12,7 +12,9 @@ is the share of the backbone's throughput that the full step keeps.
 
 The batch is built once and stays on the device: ``generate_synthetic_crowd`` draws B
 crowded scenes (2-8 overlapping people), ``CocoKeypointDataset`` augments them and encodes
-the targets exactly as a training loader worker does, and ``train_collate`` stacks them.
+the targets exactly as a training loader worker does (sparse, as ``data.sparse_targets``'s
+default, so the step includes rendering the heatmap targets on the device and reading Omega;
+``--dense`` for the dense maps), and ``train_collate`` concatenates them.
 The device is synchronized before and after each timed window (no sync inside it).
 
     # GPU (defaults: hrnet_w32, B = 20, 512, bf16-mixed, channels-last, compile);
@@ -32,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +42,6 @@ from torch import Tensor, nn
 from pinet_lightning.datamodule import train_collate
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.module import PINetModule, resolve_switch
-from pinet_lightning.proposals import sample_proposals
 from pinet_lightning.synthetic import generate_synthetic_crowd
 
 QUICK = {"backbone": "hrnet_w18_small", "batch_size": 4, "input_size": 256, "steps": 5,
@@ -51,20 +53,22 @@ BAR_RATIO = 0.90
 
 
 def build_batch(layout: str, batch_size: int, input_size: int, device: torch.device,
-                seed: int = 0, max_people: int = 8) -> dict[str, Tensor]:
+                seed: int = 0, max_people: int = 8, sparse: bool = True) -> dict[str, Any]:
     """One training batch from the real data path (synthetic scenes, train augmentation,
     target encoding, collate), moved to ``device`` once."""
+    formats = ({"offsets_format": "omega", "heatmaps_format": "windows"} if sparse else {})
     with tempfile.TemporaryDirectory() as tmp:
         annotations = generate_synthetic_crowd(tmp, num_images=batch_size,
                                                image_size=input_size, min_people=2,
                                                max_people=max_people, layout=layout, seed=seed)
         dataset = CocoKeypointDataset(Path(tmp) / "images", annotations, layout=layout,
-                                      train=True, input_size=input_size)
+                                      train=True, input_size=input_size, targets=formats)
         torch.manual_seed(seed)  # the augmentation reseeds from torch's seed
         # An image whose people all fall outside would be skipped: cycle to B samples.
         samples = [dataset[i % len(dataset)] for i in range(batch_size)]
     batch = train_collate(samples)
-    return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.to(device) if isinstance(value, Tensor) else value
+            for key, value in batch.items()}
 
 
 def precision_context(precision: str, device: torch.device
@@ -225,6 +229,8 @@ def parse_args() -> argparse.Namespace:
                         help="torch.backends.cudnn.benchmark (the Trainer default is off)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dense", action="store_true",
+                        help="dense target maps in the batch (data.sparse_targets=false)")
     args = parser.parse_args()
     preset = QUICK if args.quick else DEFAULTS
     for key, value in preset.items():
@@ -254,7 +260,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*reference is not registered on the model.*")
 
     b, s = args.batch_size, args.input_size
-    batch = build_batch(args.layout, b, s, device, seed=args.seed)
+    batch = build_batch(args.layout, b, s, device, seed=args.seed, sparse=not args.dense)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={device} ({name}) torch={torch.__version__} threads="
           f"{torch.get_num_threads()} backbone={args.backbone} layout={args.layout} "
@@ -272,9 +278,9 @@ def main() -> None:
         module = info.pop("module", None)
         stats.update(info, seconds=seconds, images_per_s=b / seconds)
         if module is not None:
-            props = sample_proposals(batch["part_heatmaps"], batch["offset_weights"],
-                                     module.layout.num_keypoints,
-                                     module.criterion.proposals_per_part)
+            with torch.no_grad():
+                outputs = module(batch["image"])
+                props = module.criterion.training_proposals(outputs, batch)["proposals"]
             stats["proposals"] = (int(props.valid.sum()), len(props))
             if args.check_syncs and device.type == "cuda":
                 stats["syncs"] = check_syncs(step, device)

@@ -13,6 +13,7 @@ import torch
 pl = pytest.importorskip("pytorch_lightning")
 
 from pinet_lightning.module import (  # noqa: E402
+    NonFiniteLossError,
     PINetModule,
     merge_gathered_results,
     resolve_switch,
@@ -248,3 +249,18 @@ def test_zero_predictions_give_zero_metrics(synthetic_crowd, tmp_path):
     module = Empty(layout="crowdpose", network=SMALL, val_annotation_file=str(ann))
     (val,) = make_trainer(tmp_path).validate(module, datamodule=make_datamodule(synthetic_crowd))
     assert val["val/AP"] == 0.0 and val["val/poses"] == 0 and val["val/images"] == 8
+
+
+def test_training_step_runs_without_a_trainer(synthetic_crowd):
+    """A step run by hand (scripts/bench_train.py does) works, divergence guard included;
+    a NaN loss is still caught."""
+    dm = make_datamodule(synthetic_crowd)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = small_module()
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    with torch.no_grad():
+        module.net.heads.offset.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
+        module.training_step(batch, 1)

@@ -250,8 +250,9 @@ class PINetModule(pl.LightningModule):
             return
         flags, first = self._nonfinite, self._unchecked_from
         self._nonfinite, self._unchecked_from = None, None
-        if self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags.float(), reduce_op="sum")
+        trainer = self._trainer  # None: a step run by hand (scripts/bench_train.py)
+        if trainer is not None and trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags.float(), reduce_op="sum")
         bad = flags.detach().cpu().numpy() > 0  # the one host sync of the window
         if not bad.any():
             return
