@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pinet_lightning.cli.common import config_dir
+from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]

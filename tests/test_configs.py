@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pinet_lightning.cli.common import config_dir
+from pinet_lightning.cli.config import config_dir
 from pinet_lightning.layouts import get_layout
 
 CONF = config_dir()
@@ -215,7 +215,7 @@ def test_plain_ddp_strategy_gets_our_launcher(tmp_path):
 
 @pytest.mark.parametrize("logger", _options("logger"))
 def test_logger_options_instantiate(tmp_path, logger):
-    from pinet_lightning.cli.common import instantiate_group
+    from pinet_lightning.cli.config import instantiate_group
 
     cfg = _compose("train", [f"logger={logger}"], tmp_path)
     (lg,) = instantiate_group(cfg.logger)
@@ -232,7 +232,7 @@ def test_several_loggers_at_once(tmp_path):
 def test_callbacks_instantiate(tmp_path):
     import pytorch_lightning as pl
 
-    from pinet_lightning.cli.common import instantiate_group
+    from pinet_lightning.cli.config import instantiate_group
 
     cfg = _compose("train", [], tmp_path)
     callbacks = instantiate_group(cfg.callbacks)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pinet_lightning.cli.common import config_dir
+from pinet_lightning.cli.config import config_dir
 from pinet_lightning.evaluation import evaluate_keypoints
 from pinet_lightning.layouts import get_layout
 

@@ -22,15 +22,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from pinet_lightning.checkpoints import load_network
-from pinet_lightning.cli.common import (
-    format_metrics,
-    print_metric_table,
-    run_hydra,
-    start_run,
-    to_plain,
-    write_metrics,
-)
+from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
+from pinet_lightning.cli.run import start_run, write_metrics
+from pinet_lightning.cli.tables import format_metrics, print_metric_table
+from pinet_lightning.config import to_plain
 
 __all__ = ["main", "evaluate"]
 

@@ -26,13 +26,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pinet_lightning.cli.common import (
-    load_inference_net,
-    run_hydra,
-    save_config,
-    setup_threads,
-    to_plain,
-)
+from pinet_lightning.cli.config import run_hydra
+from pinet_lightning.cli.run import load_inference_net, save_config, setup_threads
+from pinet_lightning.config import to_plain
 
 __all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
 

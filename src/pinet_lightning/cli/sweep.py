@@ -13,8 +13,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pinet_lightning.cli.common import markdown_table
-from pinet_lightning.cli.common import print_table as show_table
+from pinet_lightning.cli.tables import markdown_table
+from pinet_lightning.cli.tables import print_table as show_table
 
 __all__ = ["SweepSummary", "collect_jobs", "summarize_sweep"]
 

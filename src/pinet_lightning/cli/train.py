@@ -33,18 +33,11 @@ import torch
 from omegaconf import DictConfig
 
 from pinet_lightning.checkpoints import load_file
-from pinet_lightning.cli.common import (
-    format_metrics,
-    instantiate_group,
-    missing_keys,
-    print_metric_table,
-    resolve_ckpt_path,
-    run_hydra,
-    start_run,
-    to_plain,
-    write_metrics,
-)
+from pinet_lightning.cli.config import instantiate_group, missing_keys, run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
+from pinet_lightning.cli.run import resolve_ckpt_path, start_run, write_metrics
+from pinet_lightning.cli.tables import format_metrics, print_metric_table
+from pinet_lightning.config import to_plain
 
 __all__ = ["main", "train", "prediction_figure", "reported_checkpoint"]
 

@@ -1,0 +1,85 @@
+"""Hydra for the commands: the packaged ``conf/`` folder, start-up, ``???`` checks and
+``_target_`` groups (callbacks, loggers)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
+from pinet_lightning.cli.run import external_rank
+
+__all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
+
+
+def config_dir() -> Path:
+    """The packaged ``conf/`` folder (``pinet_lightning.conf``), editable or installed."""
+    import pinet_lightning.conf
+
+    return Path(pinet_lightning.conf.__file__).resolve().parent
+
+
+def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
+    """Run ``task`` under ``@hydra.main`` with the packaged config ``config_name``.
+
+    Ranks > 0 of an externally launched job (srun, torchrun) write no ``.hydra`` folder and
+    log to stdout only: rank 0 owns the run directory.
+    """
+    import hydra
+
+    if external_rank() > 0:
+        extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        sys.argv += [a for a in extra if not any(x.startswith(a.split("=")[0])
+                                                 for x in sys.argv[1:])]
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
+    def _main(cfg: DictConfig) -> Any:
+        return task(cfg)
+
+    _main()
+
+
+def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys under ``cfg`` whose value is ``???``, directly or through an interpolation
+    (``OmegaConf.missing_keys`` raises on the latter)."""
+    from omegaconf import ListConfig
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    found: list[str] = []
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
+    for key in keys:
+        name = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(name)
+            continue
+        try:
+            value = cfg[key]
+        except (MissingMandatoryValue, InterpolationToMissingValueError):  # ${x}, x = ???
+            found.append(name)
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            found += missing_keys(value, f"{name}.")
+    return found
+
+
+def instantiate_group(group: Any) -> list[Any]:
+    """Instantiate every ``_target_`` node of a callbacks/logger group (a mapping of nodes)."""
+    from hydra.utils import instantiate
+
+    if not group:
+        return []
+    if not isinstance(group, (DictConfig, Mapping)):
+        raise TypeError(f"expected a mapping of configs with _target_, got {type(group)}")
+    objects = []
+    for name, node in group.items():
+        if node is None:
+            continue
+        if not isinstance(node, (DictConfig, Mapping)) or "_target_" not in node:
+            raise ValueError(f"config entry '{name}' needs a _target_ (see conf/callbacks, "
+                             "conf/logger)")
+        objects.append(instantiate(node, _convert_="all"))
+    return objects
