@@ -121,6 +121,9 @@ def run(modules: list[str], which: str, jobs: int) -> None:
         print("nothing to test: every selected mutant has a result (see --all, --survivors)")
         return
     _install_own_test_filter()
+    # one torch thread a worker: --jobs workers share the cores without oversubscribing them
+    os.environ["PINET_TEST_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
     import mutmut.__main__ as mm
 
     os.chdir(ROOT)
