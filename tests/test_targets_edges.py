@@ -78,3 +78,70 @@ def test_codec_accepts_the_limits_and_rejects_beyond():
                        ({"output_size": (4, 4, 4)}, r"output_size must be \(H, W\) > 0")]:
         with pytest.raises(ValueError, match=match):
             PINetTargetCodec(TINY, **{"output_size": 4, **bad})
+
+
+def test_encode_targets_accepts_the_limits_and_says_what_is_wrong():
+    kp = _people([(0, 3, 2), (3, 0, 2), (0, 0, 0)])
+    # A keypoint on row 0 or column 0 is in the map; (1, 1) maps and flat empty inputs work.
+    out = encode_targets(kp, [0.5], TINY, (6, 8))
+    assert out["heatmaps"][0, 3, 0] == 1.0 and out["heatmaps"][1, 0, 3] == 1.0
+    assert encode_targets(kp, [4.0], TINY, (1, 1))["heatmaps"].shape == (3, 1, 1)
+    assert encode_targets([], [], TINY, (4, 4))["offsets"].shape == (12, 4, 4)
+    # Areas as a column (N, 1), as the published code keeps them: the same targets.
+    column = encode_targets(kp, [[9.0]], TINY, (6, 8))
+    np.testing.assert_array_equal(column["offset_weights"],
+                                  encode_targets(kp, [9.0], TINY, (6, 8))["offset_weights"])
+    for kwargs in ({"bg_weight": 0.0}, {"bg_weight": 1.0}, {"window_margin": 0.0}):
+        encode_targets(kp, [4.0], TINY, (6, 8), **kwargs)
+    bad = [({"bg_weight": 1.5}, r"bg_weight must be in \[0, 1\], got 1.5"),
+           ({"bg_weight": -0.5}, r"bg_weight must be in \[0, 1\]"),
+           ({"window_sigmas": 0.0}, "window_sigmas must be positive, got 0.0"),
+           ({"window_margin": -1.0}, "window_margin must be >= 0 cells, got -1.0"),
+           ({"offsets_format": "csr"}, "offsets_format must be 'dense' or 'omega', got 'csr'"),
+           ({"output_size": (4, 0)}, r"output_size must be positive, got \(4, 0\)"),
+           ({"output_size": "ab"}, r"output_size must be \(H, W\), got 'ab'")]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            encode_targets(kp, [4.0], TINY, **{"output_size": (6, 8), **kwargs})
+    with pytest.raises(ValueError, match="got 1 people but 2 areas; pass one box area "
+                                         r"\(in input pixels\) per person"):
+        encode_targets(kp, [4.0, 5.0], TINY, (6, 8))
+    with pytest.raises(ValueError, match="check that the dataset's layout matches its "
+                                         "annotations"):
+        encode_targets(np.zeros((1, 4, 3)), [4.0], TINY, (6, 8))
+    two = np.concatenate([kp] * 4)
+    with pytest.raises(ValueError, match=r"areas must be finite, got \[nan inf nan\]; check "
+                                         "the boxes given to the augmentation"):
+        encode_targets(two, [np.nan, np.inf, 1.0, np.nan], TINY, (6, 8))
+    with pytest.raises(ValueError, match=r"got \[nan inf nan\];"):
+        encode_targets(two, [np.nan, np.inf, np.nan, -np.inf], TINY, (6, 8))
+
+
+def test_offset_weights_clamp_the_area_at_one_and_no_default_area_limit():
+    kp = _people([(4, 4, 2), (0, 0, 0), (0, 0, 0)])
+    for area, weight in [(0.0, 1.0), (0.5, 1.0), (1.5, 1 / math.sqrt(1.5)), (4.0, 0.5)]:
+        out = encode_targets(kp, [area], TINY, (8, 8))
+        assert out["offset_weights"][_ch(0, 0, 0), 4, 4] == np.float32(weight), area
+        assert out["part_heatmaps"][0, 4, 4] == 1.0  # no minimum area by default
+
+
+def test_part_gaussian_drawn_for_a_center_on_row_or_column_0():
+    """Centers exactly on x = 0 or y = 0 are in the map; on a map taller than wide (H 12,
+    W 8) a center at y = 10.5 is too."""
+    for k1, k2, center in [((0, 4), (0, 6), (0, 5)), ((3, 0), (5, 0), (4, 0)),
+                           ((2, 10), (2, 11), (2, 10.5))]:
+        kp = _people([(1, 1, 0), (*k1, 2), (*k2, 2)])
+        out = encode_targets(kp, [64.0], TINY, (12, 8))
+        x, y = center
+        assert out["part_heatmaps"][1, int(y), int(x)] == pytest.approx(
+            _g2(x - int(x), y - int(y)), rel=1e-6), center
+
+
+def test_omega_output_dtypes_also_when_empty():
+    for kp in (np.zeros((0, 3, 3)), _people([(2, 2, 2), (3, 3, 2), (4, 4, 2)])):
+        out = encode_targets(kp, np.full(len(kp), 16.0), TINY, (6, 6), offsets_format="omega")
+        n = len(out["omega_index"])
+        assert out["omega_index"].dtype == np.int64
+        assert out["omega_offsets"].dtype == np.float32 and out["omega_offsets"].shape == (n, 2)
+        assert out["omega_weights"].dtype == np.float32 and out["omega_weights"].shape == (n,)
+        assert (n > 0) == (len(kp) > 0)
