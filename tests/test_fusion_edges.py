@@ -104,7 +104,8 @@ def test_empty_and_dtypes():
 
 
 @pytest.mark.parametrize("shapes", [((2, 14, 2), (3, 13, 2)), ((2, 14, 2), (14, 2)),
-                                    ((14, 2), (3, 14, 2)), ((2, 13, 2), (3, 13, 2))])
+                                    ((14, 2), (3, 14, 2)), ((2, 13, 2), (3, 13, 2)),
+                                    ((2, 14), (3, 14, 2))])
 def test_oks_matrix_rejects_bad_shapes(shapes):
     a, b = (np.zeros(s) for s in shapes)
     with pytest.raises(ValueError, match=r"fusion.oks_matrix: poses must be \(M, K, 2\+\)"):
