@@ -146,7 +146,7 @@ def _diff_key(name: str) -> tuple[str, str]:
     diff = get_diff_for_mutant(name, path=path)
     plus = [ln[1:].strip() for ln in diff.splitlines()
             if ln.startswith("+") and not ln.startswith("+++")]
-    return name.split("__mutmut_")[0].split(".", 2)[2], " / ".join(plus)
+    return name.split("__mutmut_")[0].removeprefix(PACKAGE + "."), " / ".join(plus)
 
 
 def report(markdown: bool) -> int:

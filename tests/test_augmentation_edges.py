@@ -81,10 +81,12 @@ def test_boxes_from_labelled_keypoints_when_none_given():
     aug = _plain()
     img = np.zeros((32, 32, 3), np.uint8)
     kps = np.array([[[4.0, 6.0, 2], [12.0, 9.0, 1], [30.0, 30.0, 0]],
-                    [[1.0, 1.0, 0], [2.0, 2.0, 0], [3.0, 3.0, 0]]])
+                    [[1.0, 1.0, 0], [2.0, 2.0, 0], [3.0, 3.0, 0]],
+                    [[10.0, 10.0, 1], [14.0, 20.0, 1], [3.0, 3.0, 0]]])  # occluded only
     out = aug(img, kps)
     np.testing.assert_allclose(out["boxes"][0], [4.0, 6.0, 8.0, 3.0], atol=1e-4)
-    np.testing.assert_allclose(out["areas"], [24.0, 0.0], atol=1e-3)  # v = 0 points ignored
+    np.testing.assert_allclose(out["boxes"][2], [10.0, 10.0, 4.0, 10.0], atol=1e-4)
+    np.testing.assert_allclose(out["areas"], [24.0, 0.0, 40.0], atol=1e-3)  # v = 0 ignored
 
 
 def test_ignore_mask_padding_value():
@@ -102,6 +104,12 @@ def test_ignore_mask_padding_value():
 
 def test_affine_settings_and_defaults():
     import cv2
+
+    from pinet_lightning.augmentation import SquareCropAffine
+
+    own = SquareCropAffine(32)  # its own defaults are the SPEC's too
+    assert own.crop_scale == (0.75, 1.5) and own.max_translate == 0.2
+    assert tuple(own.rotate) == (-30.0, 30.0) and own.fill_mask == 0 and own.p == 1.0
 
     aug = TrainAugmentation([1, 0, 2])
     assert aug.input_size == 512

@@ -39,8 +39,8 @@ def test_each_bad_prediction_is_named_with_its_fix(protocol):
          "51 values); the first is entry 1 (image_id 1); check the layout"),
         (_bad(preds, 3, keypoints=[None] * 51), "1 predictions have keypoint values that are "
          "null or not numbers; the first is entry 3 (image_id 2); write numbers"),
-        (_bad(preds, 0, keypoints=[np.nan] * 51), "1 predictions have NaN or infinite keypoint "
-         "values; the first is entry 0 (image_id 1); a diverged model? every value must be "
+        (_bad(preds, 2, keypoints=[np.nan] * 51), "1 predictions have NaN or infinite keypoint "
+         "values; the first is entry 2 (image_id 2); a diverged model? every value must be "
          "finite"),
         (_bad(preds, 1, score="0.5"), "1 predictions have a 'score' that is not a finite "
          "number; the first is entry 1 (image_id 1); every score must be finite"),
@@ -85,7 +85,7 @@ def test_files_are_named_by_path(tmp_path):
         evaluate_keypoints(gt, {"image_id": 1}, "coco")
     bad_gt = copy.deepcopy(gt)
     bad_gt["annotations"][0]["keypoints"][0] = None
-    with pytest.raises(ValueError, match=re.escape("ground truth (dict)")):
+    with pytest.raises(ValueError, match=r"^ground truth \(dict\): invalid records"):
         evaluate_keypoints(bad_gt, preds, "coco")
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(bad_gt))

@@ -96,6 +96,7 @@ def test_to_coco_results_values_and_shapes():
     assert to_coco_results([4], [torch.zeros(0, 14, 3)], [torch.zeros(0)]) == []
     with pytest.raises(ValueError, match="image 7 has 2 poses but 1 scores"):
         to_coco_results([7], [np.zeros((2, 14, 3))], [[0.5]])
-    with pytest.raises(ValueError, match="image_ids, poses_list and scores_list differ in length"):
+    with pytest.raises(ValueError, match="^to_coco_results: image_ids, poses_list and "
+                                         "scores_list differ in length$"):
         to_coco_results([7, 8], [np.zeros((2, 14, 3))], [[0.5, 0.2]])
     json.dumps(res)

@@ -66,10 +66,14 @@ def test_given_areas_replace_the_keypoint_extent():
     half_b = oks_matrix(poses[:1], poses[1:], SIGMAS, areas_b=big[1:])[0, 0]
     assert half_b == pytest.approx(np.exp(-d2 / (2 * SIGMAS) ** 2
                                           / ((extent[0] + big[1]) / 2 * 2)).mean())
-    # oks_nms takes the areas too: large areas merge the pair at 0.8.
-    assert list(oks_nms(poses, scores, SIGMAS, 0.8)) == [0, 1]
-    assert list(oks_nms(poses, scores, SIGMAS, 0.8, areas=big)) == [0]
-    assert list(oks_nms(poses, scores, SIGMAS, 0.8, areas=extent / 4)) == [0, 1]
+    # oks_nms scales both poses by the given areas: a threshold between the OKS with both
+    # areas given and the OKS with one given (and one extent) tells them apart.
+    both = got[0, 1]
+    mixed = max(half, half_b)
+    assert mixed < both
+    thr = (mixed + both) / 2
+    assert list(oks_nms(poses, scores, SIGMAS, thr, areas=big)) == [0]
+    assert list(oks_nms(poses, scores, SIGMAS, thr)) == [0, 1]
 
 
 def test_zero_area_poses():
