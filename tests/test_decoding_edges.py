@@ -292,3 +292,86 @@ def test_gather_offsets_names_the_expected_channels():
 
     with pytest.raises(ValueError, match=r"offsets have 10 channels, expected P\*K\*2 = 84"):
         gather_offsets(torch.zeros(1, 10, 4, 4), torch.zeros(1, P, 2, dtype=torch.long), K)
+
+
+def test_multi_scale_scores_on_random_maps_against_the_largest_scale():
+    """Random maps at three scales (input factors 0.5, 1 and 2 of the base): every proposal
+    is scored on the mean of all maps resized (bilinear, pixel-centre aligned) to the largest
+    map, at its own point converted to the largest scale's cells."""
+    import torch.nn.functional as F
+
+    from pinet_lightning.sampling import sample_maps
+
+    torch.manual_seed(0)
+    sizes = {0.5: 32, 1.0: 16, 2.0: 8}  # input factor -> map side
+    scales = []
+    for f, side in sizes.items():
+        sc = _scale(side, side, f, [0.0] * P, [0.0] * K, cells=[[side / 3, side / 4]],
+                    poses=[[side / 5, side / 2]])
+        sc.heatmaps = torch.rand(1, K, side, side)
+        sc.part_heatmaps = torch.rand(1, P, side, side)
+        scales.append(sc)
+    for order in (scales, scales[::-1]):
+        scored = score_scales(order, OURS, 4, score_threshold=0.0)
+        mean_parts = torch.stack([F.interpolate(sc.part_heatmaps, size=(32, 32),
+                                                mode="bilinear", align_corners=False)
+                                  for sc in order]).mean(0)
+        mean_kpts = torch.stack([F.interpolate(sc.heatmaps, size=(32, 32), mode="bilinear",
+                                               align_corners=False) for sc in order]).mean(0)
+        for sc, (poses, pose_scores, _) in zip(order, scored, strict=True):
+            def to_largest(xy, f=sc.input_scale[0]):
+                px = (OURS.cell_to_input(xy, 4) + 0.5) * f - 0.5  # base input pixels
+                return OURS.input_to_cell((px + 0.5) / 0.5 - 0.5, 4)
+
+            at = to_largest(sc.cells[0])
+            want = sample_maps(mean_parts, at[None], torch.zeros(1, dtype=torch.long))
+            assert float(pose_scores[0, 0]) == pytest.approx(float(want[0, 0]), rel=1e-5)
+            kp = to_largest(sc.poses[0, 0])
+            kpt = sample_maps(mean_kpts, kp[None], torch.arange(K))
+            assert torch.allclose(poses[0, 0, :, 2], want[0, 0] * kpt[0], rtol=1e-5)
+
+
+def test_decode_config_limits_and_messages():
+    assert DecodeConfig(top_k=1).top_k == 1
+    for kwargs, match in [({"scales": (1.0, 0.0)}, r"scales must be positive numbers, got "
+                                                     r"\(1\.0, 0\.0\)"),
+                          ({"top_k": 0}, r"^DecodeConfig.top_k must be >= 1, got 0$"),
+                          ({"nms_kernels": (7, 5)}, r"^DecodeConfig.nms_kernels must be three "
+                                                    r"odd sizes \(large, medium, small map\)")]:
+        with pytest.raises(ValueError, match=match):
+            DecodeConfig(**kwargs)
+    oracle = OracleNet(_crowd(), (256, 256))
+    single = {k: v[:1] for k, v in oracle(torch.zeros(2, 3, 256, 256)).items()}
+    with pytest.raises(ValueError, match=r"^decoding: flip test needs 2B outputs"):
+        decode_outputs(single, LAYOUT, DecodeConfig(flip_test=True))
+
+
+class _NoRefine(torch.nn.Module):
+    """Oracle outputs only: no refine, no convention, no output stride attributes."""
+
+    def __init__(self, base=(256, 256)) -> None:
+        super().__init__()
+        self.oracle = OracleNet(_crowd(), base)
+
+    def forward(self, images):
+        return self.oracle(images)
+
+
+def _sorted(poses: torch.Tensor) -> torch.Tensor:
+    return poses[np.lexsort((poses[:, 0, 1].numpy(), poses[:, 0, 0].numpy()))]
+
+
+def test_network_without_refine_or_stride_and_non_square_multi_scale():
+    """A network with no refine, convention or stride runs as cell_center at stride 4 (the
+    poses land where a full network's do); on a non-square input each scale maps back with
+    its own x and y factors."""
+    full = _predict(_Stub(), flip_test=False)[0][0]
+    bare = _predict(_NoRefine(), flip_test=False)[0][0]
+    assert torch.allclose(_sorted(bare)[..., :2], _sorted(full)[..., :2], atol=1e-3)
+    net = _NoRefine(base=(256, 320))
+    images = torch.zeros(1, 3, 256, 320)
+    one = predict_poses(net, images, LAYOUT, np.eye(2, 3)[None], {"flip_test": False})[0][0]
+    two = predict_poses(net, images, LAYOUT, np.eye(2, 3)[None],
+                        {"flip_test": False, "scales": (1.0, 0.5)})[0][0]
+    assert len(two) == len(one) == 4
+    assert torch.allclose(_sorted(two)[..., :2], _sorted(one)[..., :2], atol=0.5)
