@@ -41,10 +41,10 @@ MODULES: dict[str, tuple[str, ...]] = {
     "evaluation": ("test_evaluation*.py",),
     "refinement": ("test_heads_refinement.py", "test_refinement*.py"),
     "augmentation": ("test_augmentation*.py",),
-    "targets": ("test_targets*.py",),
-    "losses": ("test_losses*.py",),
-    "proposals": ("test_proposals*.py",),
-    "datasets": ("test_datasets*.py",),
+    "targets": ("test_targets*.py", "test_sparse.py"),
+    "losses": ("test_losses*.py", "test_sparse.py"),
+    "proposals": ("test_proposals*.py", "test_sparse.py"),
+    "datasets": ("test_datasets*.py", "test_annotations.py"),
 }
 REVIEWED = ROOT / "scripts" / "mutation_reviewed.toml"
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
@@ -95,8 +95,8 @@ def _check_config() -> None:
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
     args = cfg["pytest_add_cli_args_test_selection"]
     files = next(a for a in args if a.startswith("python_files=")).split("=", 1)[1].split()
-    wanted = [g for globs in MODULES.values() for g in globs]
-    if sorted(files) != sorted(wanted):
+    wanted = sorted({g for globs in MODULES.values() for g in globs})
+    if sorted(set(files)) != wanted:
         raise SystemExit(f"pyproject [tool.mutmut] python_files {files} differ from "
                          f"scripts/mutation.py MODULES {wanted}: make them equal")
     sources = {Path(f).stem for f in cfg["only_mutate"]}
@@ -105,8 +105,25 @@ def _check_config() -> None:
                          f"scripts/mutation.py MODULES {sorted(MODULES)}")
 
 
+def _config_changed() -> bool:
+    """Whether mutmut will void every result (its test selection or pytest arguments
+    changed since the last run): then every mutant needs a run, not just the unchecked."""
+    stats = ROOT / "mutants" / "mutmut-stats.json"
+    if not stats.is_file():
+        return False
+    from mutmut.configuration import config
+
+    old = json.loads(stats.read_text()).get("config_fingerprint", {})
+    new = config().config_fingerprint()
+    return any(old.get(g) != new[g] for g in ("test_execution", "test_selection"))
+
+
 def run(modules: list[str], which: str, jobs: int) -> None:
     _check_config()
+    os.chdir(ROOT)
+    if which != "all" and _config_changed():
+        print("mutmut's test selection or pytest arguments changed: every mutant is re-run")
+        which = "all"
     results = _results()
     names: list[str] = []
     for module in modules:
