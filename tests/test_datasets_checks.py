@@ -130,3 +130,55 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
 def test_labelled_keypoints_count_every_positive_flag():
     assert _num_labelled({"keypoints": [1, 2, 1, 3, 4, 2, 5, 6, 0, 7, 8, 1]}) == 3
     assert _num_labelled({"keypoints": None}) == 0 and _num_labelled({}) == 0
+
+
+def test_a_broken_header_is_caught_by_the_full_walk_only(tmp_path):
+    """The start-up check trusts a file that ends with FF D9; reading it walks it all."""
+    path = tmp_path / "odd.jpg"
+    path.write_bytes(SOI + b"\xff\xe0\x40\x00" + SOS + SCAN + EOI)  # a header past the end
+    assert image_file_problem(path) is None
+    assert image_file_problem(path, full=True) == HEADER
+    with pytest.raises(OSError, match=re.escape(f"is a truncated JPEG ({HEADER})")):
+        read_image(path)
+    tail = tmp_path / "tail.jpg"  # a whole image followed by 100 bytes of other data
+    tail.write_bytes(SOI + b"\xff\xe0\x40\x00" + SOS + SCAN + EOI + b"\x01" * 100)
+    assert image_file_problem(tail) == HEADER  # no FF D9 at the end: the walk decides
+
+
+def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
+    import cv2
+
+    bgr = np.zeros((6, 8, 3), np.uint8)
+    bgr[..., 2] = 250  # red in OpenCV's BGR order
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    rgb = read_image(tmp_path / "red.png")
+    assert rgb.shape == (6, 8, 3) and rgb[0, 0].tolist() == [250, 0, 0]
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(OSError, match="cannot decode image .*junk.jpg: the file is corrupt or "
+                                      "not an image; replace it or remove it from the "
+                                      "annotation file"):
+        read_image(tmp_path / "junk.jpg")
+
+
+def test_dataset_paths_of_each_preset(tmp_path):
+    from pinet_lightning.datasets import dataset_paths
+
+    assert dataset_paths("crowdpose", tmp_path) == (
+        tmp_path / "images", tmp_path / "json" / "crowdpose_train.json")
+    assert dataset_paths("COCO", tmp_path, "val") == (
+        tmp_path / "val2017", tmp_path / "annotations" / "person_keypoints_val2017.json")
+    assert dataset_paths("coco", tmp_path, "train2017")[0] == tmp_path / "train2017"
+    assert dataset_paths("ochuman", tmp_path, "test") == (
+        tmp_path / "images", tmp_path / "ochuman_coco_format_test_range_0.00_1.00.json")
+    assert dataset_paths("custom", tmp_path, images="im", annotations="a.json") == (
+        tmp_path / "im", tmp_path / "a.json")
+    assert dataset_paths("custom", images="im", annotations="a.json") == (
+        tmp_path.__class__("im"), tmp_path.__class__("a.json"))
+    for kwargs, match in [({"name": "custom", "images": "im"},
+                           r"^dataset 'custom' needs explicit images=<dir> and "
+                           r"annotations=<json>$"),
+                          ({"name": "mpii", "root": tmp_path}, r"unknown dataset preset 'mpii'"),
+                          ({"name": "coco"}, r"dataset preset 'coco' needs root=<dataset "
+                                             r"folder>")]:
+        with pytest.raises(ValueError, match=match):
+            dataset_paths(**kwargs)
