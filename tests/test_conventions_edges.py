@@ -114,3 +114,19 @@ def test_keypoint_scores_of_ours_are_bilinear_at_the_cell():
     want = F.grid_sample(maps, torch.tensor([[[[1.5 / 1.5 - 1, 0.5 - 1]]]]),
                          align_corners=True)
     assert float(got) == pytest.approx(float(want)) == pytest.approx(3.5)
+
+
+def test_the_base_convention_is_abstract():
+    from pinet_lightning.conventions import Convention
+
+    base = Convention()
+    for call in (lambda: base.cell_to_input(torch.zeros(1, 2), 4),
+                 lambda: base.input_to_cell(np.zeros((1, 2)), 4),
+                 lambda: base.mirror(torch.zeros(1, 3, 4, 4), 4),
+                 lambda: base.feature_points(torch.zeros(1, 2), 4, 4),
+                 lambda: base.keypoint_scores(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2),
+                                              torch.zeros(1, dtype=torch.long), 4),
+                 lambda: base.resize(np.zeros((4, 4, 3), np.uint8), 64)):
+        with pytest.raises(NotImplementedError):
+            call()
+    assert repr(PUBLISHED) == "Convention('published')"

@@ -182,3 +182,11 @@ def test_dataset_paths_of_each_preset(tmp_path):
                                              r"folder>")]:
         with pytest.raises(ValueError, match=match):
             dataset_paths(**kwargs)
+
+
+def test_hull_of_the_labelled_keypoints():
+    from pinet_lightning.datasets import _hull
+
+    kp = np.array([[1.0, 2.0, 2], [5.0, 7.0, 1], [9.0, 9.0, 0]])
+    assert _hull(kp) == [1.0, 2.0, 4.0, 5.0]  # v = 0 points left out
+    assert _hull(np.zeros((3, 3))) == [0.0, 0.0, 0.0, 0.0]
