@@ -76,3 +76,51 @@ def test_refine_gradient_moves_the_correction_toward_the_error():
     PINetLoss()(outputs, targets, net)["loss"].backward()
     # d loss / d correction = 0.03 * mean weight * smooth_l1'(-ERROR) = 0.03 * 0.15 * (-1)
     assert float(net.value.grad) == pytest.approx(-0.03 * MEAN_WEIGHT, rel=1e-5)
+
+
+def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
+    from pinet_lightning.losses import HeatmapLoss, weighted_smooth_l1
+
+    pred = torch.tensor([0.5, 2.0, 7.0])
+    target = torch.zeros(3)
+    one = weighted_smooth_l1(pred, target, torch.tensor([0.0, 0.5, 0.0]), BETA)
+    assert float(one) == pytest.approx(0.5 * (2.0 - 0.5 * BETA))  # one weighted entry: / 1
+    none = weighted_smooth_l1(pred, target, torch.zeros(3), BETA)
+    assert float(none) == 0.0
+    # Heatmap loss: squared error (sign-free) times the mask, one mean over both map kinds.
+    heat = torch.tensor([[[[-0.5, 1.0]]]])
+    parts = torch.tensor([[[[0.25, -2.0]]]])
+    targets = {"heatmaps": torch.zeros(1, 1, 1, 2), "part_heatmaps": torch.zeros(1, 1, 1, 2),
+               "heatmap_mask": torch.tensor([[[[1.0, 0.1]]]]),
+               "part_mask": torch.ones(1, 1, 1, 2)}
+    want = (0.25 * 1.0 + 1.0 * 0.1 + 0.0625 + 4.0) / 4
+    assert float(HeatmapLoss()(heat, parts, targets)) == pytest.approx(want)
+
+
+def test_default_proposal_cap_is_40_and_shape_errors():
+    from pinet_lightning.proposals import gather_at_cells, sample_proposals
+
+    part = torch.zeros(1, 1, 8, 8)
+    part[0, 0, :6, :] = torch.rand(6, 8) + 0.1  # 48 positive cells
+    weights = torch.zeros(1, 1 * 2 * 2, 8, 8)
+    weights[:, :, :6, :] = 0.5
+    props = sample_proposals(part, weights, 2)
+    assert len(props) == 40 and bool(props.valid.all())
+    with pytest.raises(ValueError, match=r"proposals.py: offset_weights \(1, 5, 8, 8\) should "
+                                         r"be \(B, P\*K\*2, h, w\) = \(1, 4, 8, 8\) for part "
+                                         r"heatmaps \(1, 1, 8, 8\) and K = 2"):
+        sample_proposals(part, torch.zeros(1, 5, 8, 8), 2)
+    with pytest.raises(ValueError, match=r"proposals.py: 6 offset channels are not P \* K \* 2 "
+                                         r"for K = 2"):
+        gather_at_cells(torch.zeros(1, 6, 4, 4), torch.zeros(1, 2), torch.zeros(1).long(),
+                        torch.zeros(1).long(), 2)
+
+
+def test_offset_loss_shape_errors_name_the_shapes():
+    from pinet_lightning.losses import OffsetLoss
+
+    with pytest.raises(ValueError, match=r"losses.py: offsets \(1, 4, 2, 2\), targets "
+                                         r"\(1, 4, 2, 3\) and weights \(1, 4, 2, 2\) differ"):
+        OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"and weights \(1, 4, 2, 3\) differ"):
+        OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
