@@ -34,6 +34,8 @@ HEADER = "it ends inside its header"
     (SOI + b"\xff\xe0\x00\x06a" + EOI + b"d" + SOS + SCAN + EOI, None),  # FF D9 in a header
     (SOI + b"\xff\xe0\x00\x06a" + EOI + b"d" + SOS + SCAN, CUT),  # ... and none after it
     (SOI + b"\xff\xff" + SOS + SCAN, CUT),  # a fill byte before a marker
+    (SOI + b"\xff\xff\xff" + SOS + SCAN, CUT),  # two fill bytes
+    (SOI + b"\xff\xd8" + SOS + SCAN, HEADER),  # D8 is not a marker without a length
     (SOI + b"\xff\xd0" + SOS + SCAN, CUT),  # markers without a length: RST0 ...
     (SOI + b"\xff\xd7" + SOS + SCAN, CUT),  # ... RST7 ...
     (SOI + b"\xff\x01" + SOS + SCAN, CUT),  # ... and TEM
@@ -129,6 +131,7 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
 
 def test_labelled_keypoints_count_every_positive_flag():
     assert _num_labelled({"keypoints": [1, 2, 1, 3, 4, 2, 5, 6, 0, 7, 8, 1]}) == 3
+    assert _num_labelled({"keypoints": [0, 0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0]}) == 2
     assert _num_labelled({"keypoints": None}) == 0 and _num_labelled({}) == 0
 
 

@@ -105,3 +105,16 @@ def test_offset_loss_shape_errors_name_the_shapes():
         OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match=r"and weights \(1, 4, 2, 3\) differ"):
         OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
+
+
+def test_the_proposal_cap_reaches_the_refinement():
+    outputs, targets = _batch()
+    seen = []
+
+    class Count(ConstantCorrection):
+        def refine(self, features, poses, cells, batch_index, valid=None):
+            seen.append(len(poses))
+            return super().refine(features, poses, cells, batch_index, valid)
+
+    PINetLoss(proposals_per_part=3)(outputs, targets, Count(0.0))
+    assert seen == [B * P * 3]

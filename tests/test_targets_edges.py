@@ -145,3 +145,18 @@ def test_omega_output_dtypes_also_when_empty():
         assert out["omega_offsets"].dtype == np.float32 and out["omega_offsets"].shape == (n, 2)
         assert out["omega_weights"].dtype == np.float32 and out["omega_weights"].shape == (n,)
         assert (n > 0) == (len(kp) > 0)
+
+
+def test_windows_format_keys_and_missing_key_messages():
+    from pinet_lightning.targets import OmegaBatch, heatmap_targets
+
+    kp = _people([(4, 4, 2), (5, 6, 2), (6, 5, 2)])
+    windows = encode_targets(kp, [16.0], TINY, (8, 8), heatmaps_format="windows")
+    assert "target_shape" in windows and "offsets" in windows  # dense offsets, windows heat
+    assert windows["target_shape"].tolist() == [3, 2, 8, 8]
+    codec = PINetTargetCodec(TINY, 8, heatmaps_format="windows")
+    assert set(codec.encode(kp, [16.0])) == set(windows)
+    with pytest.raises(KeyError, match=r"lacks \['window_channel'"):
+        heatmap_targets({})
+    with pytest.raises(KeyError, match=r"nor Omega \(lacks \['omega_index'"):
+        OmegaBatch.from_batch({}, 1)
