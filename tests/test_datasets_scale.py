@@ -63,12 +63,14 @@ def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
     labelled_crowd = dict(_person(30, 30, ann_id=3), iscrowd=1, bbox=[30, 30, 8, 8])
     labelled_crowd["keypoints"] = [0.0] * (3 * K)
     labelled_crowd["keypoints"][:3] = [33.0, 33.0, 2]  # one labelled keypoint
-    img_dir, ann = _write(tmp_path, [_person(40, 4), no_flag, labelled_crowd])
+    unlabelled = dict(_person(50, 40, ann_id=4), keypoints=[0.0] * (3 * K), num_keypoints=0)
+    del unlabelled["iscrowd"]  # no flag and nothing labelled: still a person (not a crowd)
+    img_dir, ann = _write(tmp_path, [_person(40, 4), no_flag, labelled_crowd, unlabelled])
     ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
                              ignore_regions=True)
     anns = ds.load(0)[2]
     kps, boxes, mask = ds.people(anns, 64, 64)
-    assert len(kps) == 3  # all three are people
+    assert len(kps) == 4  # all four are people
     assert mask[32, 32] == 0 and mask[5, 5] == 1 and mask[5, 41] == 1
 
 
