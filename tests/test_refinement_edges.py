@@ -21,11 +21,11 @@ def test_graph_conv_init_laws():
     assert sorted(n for n, _ in block.named_parameters()) == [
         "bias", "linear.weight", "norm.bias", "norm.weight"]
     w_bound = 1.414 * math.sqrt(6 / (300 + 500))  # Xavier-uniform, gain 1.414
-    w = block.linear.weight
+    w = block.linear.weight.detach()
     assert w.abs().max() <= w_bound and w.abs().max() > 0.99 * w_bound
     assert abs(float(w.std()) - w_bound / math.sqrt(3)) < 0.01 * w_bound
     b_bound = 1 / math.sqrt(500)  # uniform in +-1/sqrt(out features)
-    b = block.bias
+    b = block.bias.detach()
     assert b.max() <= b_bound and b.max() > 0.95 * b_bound
     assert b.min() >= -b_bound and b.min() < -0.95 * b_bound
 
