@@ -41,6 +41,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "evaluation": ("test_evaluation*.py",),
     "refinement": ("test_heads_refinement.py", "test_refinement*.py"),
     "augmentation": ("test_augmentation*.py",),
+    "images": ("test_images*.py", "test_augmentation*.py", "test_datasets_checks.py"),
     "targets": ("test_targets*.py", "test_sparse.py"),
     "losses": ("test_losses*.py", "test_sparse.py"),
     "proposals": ("test_proposals*.py", "test_sparse.py"),

@@ -1,6 +1,6 @@
-"""The data checks of datasets.py by hand: the JPEG truncation walk on crafted bytes, the
-image-file problems and their messages, crowd regions from polygons, RLE and boxes, and the
-labelled-keypoint count."""
+"""The data checks of datasets.py and images.py by hand: the JPEG truncation walk on crafted
+bytes, the image-file problems and their messages, crowd regions from polygons, RLE and
+boxes, and the labelled-keypoint count."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pinet_lightning.datasets import (
+from pinet_lightning.datasets import _num_labelled, _region
+from pinet_lightning.images import (
     _jpeg_truncation,
-    _num_labelled,
-    _region,
     check_image_files,
     image_file_problem,
     read_image,
@@ -84,7 +83,7 @@ def test_image_file_problems_and_messages(tmp_path, caplog):
         f"ann.json: image files under {tmp_path} that cannot be used:\n{lines}\nfix the images "
         "folder (data.<split>.images) or the files, or set data.skip_invalid=true to skip "
         "these images")
-    with caplog.at_level(logging.WARNING, logger="pinet_lightning.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pinet_lightning.images"):
         skipped = check_image_files(tmp_path, records, "ann.json", skip_invalid=True)
     assert skipped == {0, 1, 2, 3, 4, 5, 6, 10, 11}
     assert (f"ann.json: skipped 9 images whose files cannot be used (data.skip_invalid):\n"
