@@ -72,7 +72,7 @@ def test_gather_and_evaluate_in_one_process(tmp_path):
     assert evaluation.metrics["AP"] == pytest.approx(0.5)
     assert evaluation.metrics["images"] == 2.0 and evaluation.metrics["poses"] == 4.0
     assert all(type(v) is float for v in evaluation.metrics.values())
-    assert evaluation.results_path == out
+    assert evaluation.results_path == out and len(json.loads(out.read_text())) == 4
     (payload, src), = strategy.broadcasts
     assert src == 0 and payload["results_path"] == str(out)
     # Only the images the ranks evaluated count: image 2 alone is all found.
@@ -111,3 +111,17 @@ def test_gather_under_torch_distributed_of_one_process(tmp_path):
         assert _all_gather_objects({7: ["x"]}) == [{7: ["x"]}]
     finally:
         dist.destroy_process_group()
+
+
+def test_evaluator_passes_its_sigmas_and_skip_invalid(tmp_path):
+    import numpy as np
+
+    sigmas = np.full(17, 0.1)
+    gt, preds = _moved_people(sigmas, 1.0)
+    gt["annotations"][2]["keypoints"][0] = None  # image 2 holds an invalid record
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    ev = KeypointEvaluator(str(path), "coco", tuple(sigmas), skip_invalid=True)
+    assert ev(preds).metrics["AP"] == pytest.approx(0.5)  # its sigmas; image 2 left out
+    with pytest.raises(ValueError, match="invalid records"):
+        KeypointEvaluator(str(path), "coco", tuple(sigmas))(preds)
