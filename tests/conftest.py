@@ -3,6 +3,7 @@ synthetic crowd generated once per test session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-torch.set_num_threads(2)
+# 2 threads by default; scripts/mutation.py runs two workers of one thread each
+torch.set_num_threads(int(os.environ.get("PINET_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ Choices:
   and annotated people with no keypoints, from their segmentation (RLE or polygons,
   pycocotools) or, without one, their box. CrowdPose and OCHuman have none (the default).
   The padding the augmentation brings in is ignored too (``augmentation.ignore_padding``).
-  The mask is warped with the image and shrunk to the output size (a cell is ignored when
-  at least half of it is).
+  The mask is warped with the image and shrunk to the output size by area averaging: a
+  cell is ignored when at least half of its pixels are, kept only when more than half are
+  kept (the published ``> 0.5`` on the warped mask).
 - Train mode keeps every image with at least one annotation (CrowdPose, OCHuman), or with
   ``min_image_keypoints=n`` those whose annotations' labelled keypoints (v > 0) sum to more
   than n (COCO: 10). Eval mode keeps every image.
@@ -298,7 +299,8 @@ class CocoKeypointDataset(Dataset):
         size = self.input_size // self.output_stride
         small = cv2.resize(out["mask"].astype(np.float32), (size, size),
                            interpolation=cv2.INTER_AREA)  # fmt: skip
-        ignore = (small >= 0.5).astype(np.float32)
+        # kept when more than half of the cell is kept: half ignored is ignored (published)
+        ignore = (small > 0.5).astype(np.float32)
         targets = self.codec.encode(cells, out["areas"], ignore_mask=ignore)
         sample: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
