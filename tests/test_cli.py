@@ -87,6 +87,7 @@ def test_train_writes_a_complete_run_directory(trained):
     assert Path(saved["best_checkpoint"]).parent == ckpts
     assert saved["last_checkpoint"] == str(ckpts / "last.ckpt")
     assert (run_dir / "predictions.png").stat().st_size > 0
+    assert (run_dir / "learning_curve.png").stat().st_size > 0  # callbacks.LearningCurve
     # the resolved config: no interpolation left, the tiny settings in it
     text = (run_dir / "config.yaml").read_text()
     assert "${" not in text and "input_size: 64" in text

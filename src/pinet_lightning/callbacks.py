@@ -1,4 +1,8 @@
-"""Training callbacks that keep work from being lost.
+"""Training callbacks: keep work from being lost, and show how a run learns.
+
+:class:`LearningCurve` collects the run's training losses and validation metrics and draws
+them into ``learning_curve.png``; :class:`EpochProgress` logs one line per epoch when the
+output is not a terminal (see their docstrings).
 
 :class:`LastCheckpoint` writes ``last.ckpt`` at the end of every training epoch, whatever the
 monitored metric does (Lightning's ``ModelCheckpoint(save_last=True)`` only rewrites it when
@@ -15,17 +19,23 @@ file at its step, restarting the data order of that epoch.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["LastCheckpoint"]
+__all__ = ["LastCheckpoint", "LearningCurve", "EpochProgress", "progress_line"]
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("pinet_lightning.progress")
 
 
 class LastCheckpoint(Checkpoint):
@@ -106,3 +116,210 @@ class LastCheckpoint(Checkpoint):
             return
         log.warning("%s at step %d: wrote %s; resume with ckpt_path=last run_dir=<run dir>",
                     type(exception).__name__, trainer.global_step, self.path)
+
+
+def _scalar(value: Any) -> float | None:
+    """A logged metric as a float (None when missing or not a number)."""
+    if value is None:
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+class LearningCurve(pl.Callback):
+    """The run's learning curve: training losses and validation metrics against the step,
+    drawn into ``path`` (``<run dir>/learning_curve.png``) at the end of training.
+
+    Values are read from what the module logs (``trainer.callback_metrics``), so the picture
+    needs no logger: every ``every_n_steps`` steps the step losses ``train/<name>``, at each
+    epoch end their means ``train/<name>_epoch``, after each validation (not the sanity
+    check) ``val/<metric>``. The lists travel in the checkpoints (callback state), so a
+    resumed run draws its whole history. Rank 0 draws; a drawing error is logged, never
+    raised (the picture must not cost the run).
+
+    Args:
+        path: the PNG to write.
+        losses: loss names (``train/<name>``), drawn on a log scale.
+        metrics: validation metric names (``val/<name>``, 0 to 1).
+        every_n_steps: read the step losses this often (None: the trainer's
+            ``log_every_n_steps``; reading a value is a host sync on a GPU).
+    """
+
+    def __init__(self, path: str | Path, losses: Sequence[str] = ("loss", "heatmap", "offset",
+                                                                   "refine"),
+                 metrics: Sequence[str] = ("AP", "AP50", "AP75"),
+                 every_n_steps: int | None = None) -> None:
+        super().__init__()
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ValueError(f"LearningCurve: every_n_steps must be >= 1 or null, got "
+                             f"{every_n_steps}")
+        self.path = Path(path)
+        self.losses = list(losses)
+        self.metrics = list(metrics)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.history: dict[str, dict[str, list[list[float]]]] = {
+            "step": {}, "epoch": {}, "val": {}}
+
+    def _add(self, kind: str, name: str, step: int, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        series = self.history[kind].setdefault(name, [[], []])
+        if series[0] and series[0][-1] == step:  # one value per step (a re-run epoch end)
+            series[1][-1] = value
+            return
+        series[0].append(float(step))
+        series[1].append(value)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.every_n_steps or max(int(trainer.log_every_n_steps or 1), 1)
+        step = int(trainer.global_step)
+        if not trainer.is_global_zero or step % every:
+            return
+        metrics = trainer.callback_metrics
+        for name in self.losses:
+            self._add("step", name, step, _scalar(metrics.get(f"train/{name}")))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics  # read on every rank (lazily synced values)
+        if not trainer.is_global_zero:
+            return
+        for name in self.losses:
+            self._add("epoch", name, int(trainer.global_step),
+                      _scalar(metrics.get(f"train/{name}_epoch")))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        for name in self.metrics:
+            self._add("val", name, int(trainer.global_step), _scalar(metrics.get(f"val/{name}")))
+
+    def figure(self, title: str = "") -> Any:
+        """The picture as an RGB array (:func:`pinet_lightning.visualize.learning_curve_figure`)."""
+        from pinet_lightning.visualize import learning_curve_figure
+
+        def series(kind: str, names: Sequence[str]) -> dict[str, tuple[list, list]]:
+            found = self.history[kind]
+            return {n: (found[n][0], found[n][1]) for n in names if n in found}
+
+        return learning_curve_figure(series("epoch", self.losses),
+                                     series("val", [f"{n}" for n in self.metrics]),
+                                     step_losses=series("step", self.losses), title=title)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        from pinet_lightning.visualize import save_image
+
+        try:
+            save_image(self.path, self.figure(f"{self.path.parent.name}: step "
+                                              f"{trainer.global_step}, epoch "
+                                              f"{trainer.current_epoch}"))
+        except Exception as err:  # a picture must not fail a finished training
+            log.warning("could not draw %s: %s", self.path, err)
+            return
+        log.info("learning curve: %s", self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        history = state_dict.get("history") or {}
+        self.history = {kind: {name: [list(s[0]), list(s[1])] for name, s in
+                               (history.get(kind) or {}).items()}
+                        for kind in ("step", "epoch", "val")}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(epoch: int, max_epochs: int | None, step: int, losses: dict[str, float],
+                  val: dict[str, float], lr: float | None, elapsed: float,
+                  remaining: float | None) -> str:
+    """``epoch 3/18 step 160 loss 0.0214 heatmap 0.0192 ... val/AP 0.047 lr 0.002
+    elapsed 1m42s eta 3m05s`` (epochs counted from 1)."""
+    total = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    parts = [f"epoch {epoch}{total}", f"step {step}"]
+    parts += [f"{name} {value:.4g}" for name, value in losses.items()]
+    parts += [f"val/{name} {value:.3f}" for name, value in val.items()]
+    if lr is not None:
+        parts.append(f"lr {lr:.3g}")
+    parts.append(f"elapsed {_duration(elapsed)}")
+    if remaining is not None:
+        parts.append(f"eta {_duration(remaining)}")
+    return " ".join(parts)
+
+
+class EpochProgress(pl.Callback):
+    """One log line per training epoch (``pinet_lightning.progress``, INFO): epoch, step,
+    the epoch's mean losses, the validation metrics when a validation ran in that epoch,
+    the learning rate, the time since training started and an estimate of the time left.
+
+    Args:
+        when: ``auto`` (only when stdout is not a terminal: a run piped to a file or a
+            batch job, where the progress bar shows nothing until the end), ``always`` or
+            ``never``.
+        losses, metrics: the names shown (``train/<name>_epoch``, ``val/<name>``).
+    """
+
+    WHEN = ("auto", "always", "never")
+
+    def __init__(self, when: str = "auto", losses: Sequence[str] = ("loss", "heatmap",
+                                                                     "offset", "refine"),
+                 metrics: Sequence[str] = ("AP",)) -> None:
+        super().__init__()
+        when = str(when).lower()
+        if when not in self.WHEN:
+            raise ValueError(f"EpochProgress: when must be one of {self.WHEN}, got '{when}'")
+        self.when = when
+        self.losses = list(losses)
+        self.metrics = list(metrics)
+        self._start: float | None = None
+        self._start_epoch = 0
+        self._validated = False
+
+    @property
+    def enabled(self) -> bool:
+        if self.when == "auto":
+            isatty = getattr(sys.stdout, "isatty", None)
+            return not (isatty is not None and isatty())
+        return self.when == "always"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+        self._start_epoch = int(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics  # read on every rank (lazily synced values)
+        if not (trainer.is_global_zero and self.enabled):
+            return
+        losses = {n: v for n in self.losses
+                  if (v := _scalar(metrics.get(f"train/{n}_epoch"))) is not None}
+        val = {n: v for n in self.metrics
+               if self._validated and (v := _scalar(metrics.get(f"val/{n}"))) is not None}
+        lr = None
+        if trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        elapsed = time.monotonic() - (self._start or time.monotonic())
+        done = int(trainer.current_epoch) + 1 - self._start_epoch
+        max_epochs = trainer.max_epochs
+        remaining = None
+        if max_epochs is not None and max_epochs > 0 and done > 0:
+            remaining = elapsed / done * max(max_epochs - int(trainer.current_epoch) - 1, 0)
+        progress_log.info(progress_line(int(trainer.current_epoch) + 1, max_epochs,
+                                        int(trainer.global_step), losses, val, lr, elapsed,
+                                        remaining))
