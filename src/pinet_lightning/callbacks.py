@@ -2,7 +2,9 @@
 
 :class:`LearningCurve` collects the run's training losses and validation metrics and draws
 them into ``learning_curve.png``; :class:`EpochProgress` logs one line per epoch when the
-output is not a terminal (see their docstrings).
+output is not a terminal (see their docstrings). :class:`ModelExport` (``model.pt``) and
+:class:`PredictionFigure` (``predictions.png``) write the run's outputs from the reported
+weights once they are tested.
 
 :class:`LastCheckpoint` writes ``last.ckpt`` at the end of every training epoch, whatever the
 monitored metric does (Lightning's ``ModelCheckpoint(save_last=True)`` only rewrites it when
@@ -32,7 +34,8 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["LastCheckpoint", "LearningCurve", "EpochProgress", "progress_line"]
+__all__ = ["LastCheckpoint", "LearningCurve", "EpochProgress", "progress_line", "RunOutput",
+           "ModelExport", "PredictionFigure", "prediction_figure"]
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("pinet_lightning.progress")
@@ -81,7 +84,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.dirpath / f".{self.filename}.ckpt.part"
-        trainer.save_checkpoint(tmp)  # rank 0 writes; every rank waits for it
+        trainer.save_checkpoint(tmp, weights_only=False)  # rank 0 writes; all wait
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self._saved_step = int(trainer.global_step)
@@ -323,3 +326,128 @@ class EpochProgress(pl.Callback):
         progress_log.info(progress_line(int(trainer.current_epoch) + 1, max_epochs,
                                         int(trainer.global_step), losses, val, lr, elapsed,
                                         remaining))
+
+
+class RunOutput(pl.Callback):
+    """A file of the run directory made from the reported weights: written on rank 0 when
+    those weights have been tested (``on_test_end``), or by :meth:`write` when a run tests
+    nothing. ``pinet-train`` sets :attr:`enabled` to ``False`` when a run trained no step
+    past the outputs already there (a resume at its end must not replace them)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.enabled = True
+        self.checkpoint: str | None = None  # the reported checkpoint, for the record
+        self.written: Path | None = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """Write the file from ``pl_module``'s current weights; returns its path."""
+        raise NotImplementedError
+
+
+class ModelExport(RunOutput):
+    """``<run dir>/checkpoints/model.pt``: the network of the reported checkpoint with what
+    inference needs (decode settings, protocol, input size, the data module's settings) and
+    the metrics it reached (:func:`pinet_lightning.model.save_model`; loaded by
+    :func:`pinet_lightning.load_model` and ``Predictor.from_checkpoint``)."""
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        from pinet_lightning.config import to_plain
+        from pinet_lightning.model import save_model
+
+        datamodule = getattr(trainer, "datamodule", None)
+        metrics = {str(k): v for k, v in ((k, _scalar(v)) for k, v in
+                                          trainer.callback_metrics.items()) if v is not None}
+        extra = {"decode": pl_module.decode_cfg.to_dict(),
+                 "protocol": getattr(datamodule, "protocol", None),
+                 "input_size": getattr(datamodule, "input_size", None),
+                 "data": to_plain(dict(getattr(datamodule, "hparams", {}) or {})),
+                 "checkpoint": self.checkpoint or trainer.ckpt_path, "metrics": metrics}
+        save_model(self.path, pl_module.net, extra=extra)
+        self.written = self.path
+        log.info("inference model: %s", self.path)
+        return self.path
+
+
+class PredictionFigure(RunOutput):
+    """``<run dir>/predictions.png``: the reported network's poses on the first
+    ``num_images`` validation images (test images when there is no validation split),
+    keypoints scoring under ``threshold`` and poses under ``min_score`` not drawn."""
+
+    def __init__(self, path: str | Path, num_images: int = 4, threshold: float = 0.2,
+                 min_score: float = 0.1, min_side: int = 256) -> None:
+        super().__init__(path)
+        self.num_images = int(num_images)
+        self.threshold = float(threshold)
+        self.min_score = float(min_score)
+        self.min_side = int(min_side)
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        from pinet_lightning.visualize import save_image
+
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.num_images <= 0 or datamodule is None:
+            return None
+        dataset = datamodule.val_dataset or datamodule.test_dataset
+        if dataset is None:
+            try:
+                datamodule.setup("validate")
+                dataset = datamodule.val_dataset
+            except Exception as err:  # no val split: nothing to draw
+                log.info("no picture of predictions: %s", err)
+                return None
+        grid = prediction_figure(pl_module.net, dataset, pl_module.layout, pl_module.decode_cfg,
+                                 self.num_images, self.threshold, self.min_score,
+                                 self.min_side)
+        if grid is None:
+            return None
+        self.written = save_image(self.path, grid)
+        return self.written
+
+
+def _enlarge(image: Any, poses: Any, min_side: int) -> tuple[Any, Any]:
+    """Small images (synthetic ones) scaled up by an integer factor so that the drawn
+    skeletons stay legible; pose pixels follow (pixel-center convention)."""
+    import cv2
+
+    factor = max(1, int(min_side) // max(image.shape[:2]))
+    if factor == 1:
+        return image, poses
+    image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    poses = poses.copy()
+    poses[..., :2] = (poses[..., :2] + 0.5) * factor - 0.5
+    return image, poses
+
+
+def prediction_figure(net: Any, dataset: Any, layout: Any, decode: Any, num_images: int = 4,
+                      threshold: float = 0.2, min_score: float = 0.1,
+                      min_side: int = 256) -> Any:
+    """A grid of the first ``num_images`` of an evaluation dataset (a CocoKeypointDataset in
+    eval mode) with ``net``'s poses drawn in original image pixels; images smaller than
+    ``min_side`` are enlarged by an integer factor first. None when there is no image."""
+    import torch
+
+    from pinet_lightning.decoding import predict_poses
+    from pinet_lightning.visualize import draw_poses, make_grid
+
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    tiles = []
+    try:
+        for index in range(min(int(num_images), len(dataset))):
+            sample = dataset[index]
+            image, _, _ = dataset.load(index)
+            with torch.no_grad():
+                (poses, scores), = predict_poses(net, sample["image"][None].to(device), layout,
+                                                 sample["back_transform"][None], decode)
+            image, poses = _enlarge(image, poses.detach().cpu().numpy(), min_side)
+            tiles.append(draw_poses(image, poses, layout, scores, threshold=threshold,
+                                    min_score=min_score))
+    finally:
+        net.train(was_training)
+    return make_grid(tiles) if tiles else None
