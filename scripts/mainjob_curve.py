@@ -19,7 +19,7 @@ Subcommands::
     python scripts/mainjob_curve.py curve /tmp/mj/run1 /tmp/mj/run2
 
     # one row per run directory: overrides, steps, wall time, load, val/test AP
-    python scripts/mainjob_curve.py table /tmp/mj/run1 /tmp/mj/run2 --markdown
+    python scripts/mainjob_curve.py table /tmp/mj/run1 /tmp/mj/run2
 
 The experiments of issue 13 and their commands are in docs/usage.md ("The main job: what
 limits it").
