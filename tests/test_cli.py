@@ -20,13 +20,14 @@ from pinet_lightning.cli.train import train
 REPO = Path(__file__).resolve().parents[1]
 
 # tiny and fast: 64 px images, 8 train / 2 val images, 2 steps an epoch, 1 refine block
+NO_FIGURE = "callbacks.prediction_figure.num_images=0"
 TINY = [
     "data.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
     "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=4",
     "data.num_workers=0", "data.pin_memory=false", "trainer.accelerator=cpu",
     "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
     "trainer.check_val_every_n_epoch=1", "model.network.refine_layers=1",
-    "visualize.num_images=1", "threads=1",
+    "callbacks.prediction_figure.num_images=1", "threads=1",
 ]
 
 
@@ -87,6 +88,7 @@ def test_train_writes_a_complete_run_directory(trained):
     assert Path(saved["best_checkpoint"]).parent == ckpts
     assert saved["last_checkpoint"] == str(ckpts / "last.ckpt")
     assert (run_dir / "predictions.png").stat().st_size > 0
+    assert (run_dir / "learning_curve.png").stat().st_size > 0  # callbacks.LearningCurve
     # the resolved config: no interpolation left, the tiny settings in it
     text = (run_dir / "config.yaml").read_text()
     assert "${" not in text and "input_size: 64" in text
@@ -102,7 +104,7 @@ def test_train_false_tests_the_given_checkpoint(trained, tmp_path):
     run_dir, metrics = trained
     out = train(_compose(run_dir.parent, tmp_path / "t", [
         "train=false", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        "visualize.num_images=0"]))
+        NO_FIGURE]))
     assert out["test/AP"] == pytest.approx(metrics["test/AP"], abs=1e-9)
     assert out["test/AR"] == pytest.approx(metrics["test/AR"], abs=1e-9)
     assert out["global_step"] == 0  # nothing trained
@@ -120,23 +122,23 @@ def test_fast_dev_run_on_synthetic_cpu(tmp_path):
 def test_resume_continues_from_the_saved_step(tmp_path):
     run_dir = tmp_path / "run"
     first = train(_compose(tmp_path, run_dir, ["trainer.max_steps=2", "test=false",
-                                               "visualize.num_images=0"]))
+                                               NO_FIGURE]))
     assert first["global_step"] == 2 and first["start_step"] == 0
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
     # explicit: ckpt_path=last, with more steps
     second = train(_compose(tmp_path, run_dir, ["trainer.max_steps=4", "ckpt_path=last",
-                                                "test=false", "visualize.num_images=0"]))
+                                                "test=false", NO_FIGURE]))
     assert second["start_step"] == 2 and second["global_step"] == 4
     assert second["resumed_from"] == str(last)
     assert second["epoch"] == 2
     # automatic: the run directory already holds last.ckpt (a requeued job)
     third = train(_compose(tmp_path, run_dir, ["trainer.max_steps=6", "test=false",
-                                               "visualize.num_images=0"]))
+                                               NO_FIGURE]))
     assert third["start_step"] == 4 and third["global_step"] == 6
     # resume=never starts over
     fourth = train(_compose(tmp_path, tmp_path / "fresh", ["trainer.max_steps=2", "test=false",
-                                                           "visualize.num_images=0",
+                                                           NO_FIGURE,
                                                            "resume=never"]))
     assert fourth["start_step"] == 0
 
@@ -272,7 +274,7 @@ def test_wandb_offline_needs_no_account_or_network(tmp_path):
     pytest.importorskip("wandb")
     run_dir = tmp_path / "wb"
     _run([_bin("pinet-train"), *TINY, "trainer.max_steps=1", "test=false",
-          "visualize.num_images=0", "logger=wandb", f"run_dir={run_dir}"], tmp_path)
+          NO_FIGURE, "logger=wandb", f"run_dir={run_dir}"], tmp_path)
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     assert any(offline.glob("*.wandb")), "the offline run holds its .wandb log for `wandb sync`"
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1

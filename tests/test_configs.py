@@ -172,7 +172,9 @@ def test_custom_data_requires_paths(tmp_path):
 
 @pytest.mark.parametrize("model", _options("model"))
 def test_model_options_instantiate(tmp_path, model):
-    cfg = _compose("train", [f"model={model}", "model.network.refine_layers=1"], tmp_path)
+    # without the experiment: the model options' own (SPEC) loss weights
+    cfg = _compose("train", ["~experiment", f"model={model}", "model.network.refine_layers=1"],
+                   tmp_path)
     module = instantiate(cfg.model, _convert_="all")
     assert module.net.backbone_name == cfg.model.network.backbone
     assert module.decode_cfg.top_k == 30

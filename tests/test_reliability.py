@@ -266,7 +266,7 @@ TINY = [
     "data.num_workers=0", "data.pin_memory=false", "trainer.accelerator=cpu",
     "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
     "trainer.check_val_every_n_epoch=1", "model.network.refine_layers=1",
-    "visualize.num_images=0", "threads=1", "logger=[]",
+    "callbacks.prediction_figure.num_images=0", "threads=1", "logger=[]",
 ]
 
 
@@ -308,6 +308,9 @@ def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
     key = next(k for k in model["state_dict"] if k.endswith("weight"))
     assert torch.equal(model["state_dict"][key], last["state_dict"][f"net.{key}"])
     assert model["extra"]["checkpoint"] == str(ckpts / "last.ckpt")
+    # written once tested: the model file records the metrics of the weights it holds
+    assert model["extra"]["metrics"]["test/AP"] == pytest.approx(metrics["test/AP"])
+    assert metrics["model_path"] == str(ckpts / "model.pt")
 
     # a resume that gets no further leaves metrics.json and model.pt alone
     saved = (run / "metrics.json").read_text()

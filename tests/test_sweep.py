@@ -20,7 +20,7 @@ TINY = [
     "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=2",
     "data.num_workers=0", "data.pin_memory=false", "trainer.num_sanity_val_steps=0",
     "trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1",
-    "model.network.refine_layers=1", "visualize.num_images=1",
+    "model.network.refine_layers=1", "callbacks.prediction_figure.num_images=1",
 ]
 
 

@@ -156,3 +156,128 @@ def save_image(path: str | Path, image: Any) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(to_hwc_uint8(image), cv2.COLOR_RGB2BGR)):
         raise OSError(f"visualize.py: could not write {path} (unknown suffix or no access)")
     return path
+
+
+# ---------------------------------------------------------------- learning curve
+Series = tuple[Sequence[float], Sequence[float]]  # (steps, values)
+
+_CURVE_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+                 (148, 103, 189), (140, 86, 75))  # RGB, one per series of a panel
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _nice_step(span: float, ticks: int = 5) -> float:
+    """A 1, 2 or 5 times a power of ten close to ``span / ticks``."""
+    raw = max(span, 1e-12) / ticks
+    power = 10.0 ** np.floor(np.log10(raw))
+    return float(power * min((1, 2, 5, 10), key=lambda m: abs(m * power - raw)))
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 or value == int(value) else f"{value:g}"
+
+
+def _panel(canvas: np.ndarray, box: tuple[int, int, int, int], title: str,
+           series: Mapping[str, Series], x_max: float, log_y: bool,
+           y_range: tuple[float, float] | None = None,
+           thin: Mapping[str, Series] | None = None) -> None:
+    """Draw one panel of line plots into ``canvas`` inside ``box`` (x0, y0, x1, y1):
+    axes, ticks, a legend; ``thin`` series are drawn faint under the ``series`` of the same
+    name (raw step values under epoch means)."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 62, x1 - 12, y0 + 28, y1 - 30
+    cv2.putText(canvas, title, (left, y0 + 18), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    every = [np.asarray(v, float) for _, v in [*series.values(), *(thin or {}).values()]]
+    values = np.concatenate(every) if every else np.zeros(0)
+    values = values[np.isfinite(values) & ((values > 0) if log_y else True)]
+    if y_range is None:
+        lo, hi = (values.min(), values.max()) if len(values) else (0.1, 1.0)
+        if log_y:
+            # quarter decades around the values
+            lo, hi = 10 ** (np.floor(np.log10(lo) * 4) / 4), 10 ** (np.ceil(np.log10(hi) * 4) / 4)
+        elif hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+    else:
+        lo, hi = y_range
+    f = np.log10 if log_y else (lambda v: np.asarray(v, float))
+    flo, fhi = float(f(lo)), float(f(hi))
+    if fhi - flo < 1e-12:
+        fhi = flo + 1.0
+    x_max = max(float(x_max), 1.0)
+
+    def to_px(xs: Any, ys: Any) -> np.ndarray:
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fy = f(np.where(ys > 0, ys, np.nan)) if log_y else ys
+        px = left + xs / x_max * (right - left)
+        py = bottom - (fy - flo) / (fhi - flo) * (bottom - top)
+        return np.stack([px, py], -1)
+
+    grey, dark = (225, 225, 225), (60, 60, 60)
+    # y ticks: decades (and 2, 5) on a log axis, nice steps on a linear one
+    if log_y:
+        decades = 10.0 ** np.arange(np.floor(flo), np.ceil(fhi) + 1)
+        ticks = (decades[:, None] * np.array([1.0, 2.0, 5.0])[None]).reshape(-1)
+        if len(ticks[(ticks >= lo) & (ticks <= hi)]) > 8:
+            ticks = decades
+    else:
+        step = _nice_step(hi - lo)
+        ticks = np.arange(np.ceil(lo / step) * step, hi + step / 2, step)
+    ticks = ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
+    for t in ticks:
+        py = int(round(to_px([0.0], [t])[0, 1]))
+        cv2.line(canvas, (left, py), (right, py), grey, 1)
+        label = f"{t:.0e}" if log_y and (t < 1e-3 or t >= 1e4) else _tick_label(float(t))
+        cv2.putText(canvas, label, (x0 + 4, py + 4), _FONT, 0.38, dark, 1, cv2.LINE_AA)
+    x_step = _nice_step(x_max)
+    for t in np.arange(0.0, x_max + x_step / 2, x_step):
+        px = int(round(left + t / x_max * (right - left)))
+        cv2.line(canvas, (px, top), (px, bottom), grey, 1)
+        cv2.putText(canvas, _tick_label(float(t)), (px - 10, bottom + 15), _FONT, 0.38, dark, 1,
+                    cv2.LINE_AA)
+    cv2.putText(canvas, "step", (right - 30, bottom + 27), _FONT, 0.4, dark, 1, cv2.LINE_AA)
+    cv2.rectangle(canvas, (left, top), (right, bottom), dark, 1)
+    shift = 2
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        color = _CURVE_COLORS[i % len(_CURVE_COLORS)]
+        faint = tuple(int(c + (255 - c) * 0.65) for c in color)
+        for (sx, sy), col, width in (((thin or {}).get(name, ((), ())), faint, 1),
+                                     ((xs, ys), color, 2)):
+            pts = to_px(sx, sy)
+            pts = pts[np.isfinite(pts).all(-1)]
+            if len(pts) == 0:
+                continue
+            fixed = np.rint(pts * (1 << shift)).astype(np.int32)
+            if len(fixed) > 1:
+                cv2.polylines(canvas, [fixed], False, col, width, cv2.LINE_AA, shift)
+            if width > 1:  # markers show single points and where the values were read
+                cv2.polylines(canvas, list(np.repeat(fixed[:, None], 2, axis=1)), False, col,
+                              5, cv2.LINE_AA, shift)
+        ly = top + 14 + 16 * i
+        cv2.line(canvas, (right - 130, ly - 4), (right - 110, ly - 4), color, 2, cv2.LINE_AA)
+        last = np.asarray(ys, float)
+        text = f"{name} {last[-1]:.3g}" if len(last) else name
+        cv2.putText(canvas, text, (right - 104, ly), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def learning_curve_figure(losses: Mapping[str, Series], metrics: Mapping[str, Series],
+                          step_losses: Mapping[str, Series] | None = None,
+                          title: str = "", size: tuple[int, int] = (900, 680)) -> np.ndarray:
+    """A two-panel RGB picture of a training run against the global step: the training
+    losses (log scale; ``losses`` epoch means drawn bold over the faint per-step values of
+    ``step_losses`` of the same names) above, the validation metrics (0 to 1) below.
+    Every series is ``(steps, values)``; the legend shows each series' last value."""
+    width, height = size
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    every = [np.asarray(s, float) for s, _ in [*losses.values(), *metrics.values(),
+                                               *(step_losses or {}).values()]]
+    steps = np.concatenate(every) if every else np.zeros(0)
+    x_max = float(steps.max()) if len(steps) else 1.0
+    if title:
+        cv2.putText(canvas, title, (10, 20), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    split = 28 + (height - 28) * 11 // 20
+    _panel(canvas, (0, 28, width, split), "training losses (bold: epoch mean, faint: steps)",
+           losses, x_max, log_y=True, thin=step_losses)
+    _panel(canvas, (0, split, width, height), "validation", metrics, x_max, log_y=False,
+           y_range=(0.0, 1.0))
+    return canvas

@@ -7,9 +7,11 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
 - ``checkpoints/``: ``last.ckpt`` (every epoch end and on interrupts,
   :class:`~pinet_lightning.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
   and ``model.pt`` (the inference model of the reported checkpoint,
-  :func:`pinet_lightning.model.save_model`);
+  :class:`~pinet_lightning.callbacks.ModelExport`);
 - ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
-  first val images; ``csv/`` (or the chosen loggers) with per-step logs and evaluation jsons.
+  first val images (:class:`~pinet_lightning.callbacks.PredictionFigure`);
+  ``learning_curve.png``; ``csv/`` (or the chosen loggers) with per-step logs and evaluation
+  jsons. The pictures and model.pt come from the callbacks of ``conf/callbacks``.
 
 The reported checkpoint (tested, saved as ``model.pt``) is the last one by default, as
 published; ``reported_checkpoint=best`` picks the best ``val/AP`` one instead (see
@@ -29,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
+from pinet_lightning.callbacks import RunOutput
 from pinet_lightning.checkpoints import load_file
 from pinet_lightning.cli.config import instantiate_group, missing_keys, run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
@@ -39,7 +41,7 @@ from pinet_lightning.cli.run import resolve_ckpt_path, start_run, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
 from pinet_lightning.config import to_plain
 
-__all__ = ["main", "train", "prediction_figure", "reported_checkpoint"]
+__all__ = ["main", "train", "reported_checkpoint"]
 
 log = logging.getLogger("pinet_lightning.train")
 
@@ -74,81 +76,6 @@ def _check_required(cfg: DictConfig) -> None:
                          "data.train.annotations=<COCO json> (see conf/data/custom.yaml)")
 
 
-def _enlarge(image: Any, poses: Any, min_side: int) -> tuple[Any, Any]:
-    """Small images (synthetic ones) scaled up by an integer factor so that the drawn
-    skeletons stay legible; pose pixels follow (pixel-center convention)."""
-    import cv2
-
-    factor = max(1, int(min_side) // max(image.shape[:2]))
-    if factor == 1:
-        return image, poses
-    image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
-    poses = poses.copy()
-    poses[..., :2] = (poses[..., :2] + 0.5) * factor - 0.5
-    return image, poses
-
-
-def prediction_figure(net: torch.nn.Module, dataset: Any, layout: Any, decode: Any,
-                      num_images: int = 4, threshold: float = 0.2,
-                      min_score: float = 0.1, min_side: int = 256) -> Any:
-    """A grid of the first ``num_images`` of an evaluation dataset with predicted poses drawn
-    (original image pixels; images smaller than ``min_side`` are enlarged by an integer
-    factor first). ``dataset``: a CocoKeypointDataset in eval mode."""
-    from pinet_lightning.decoding import predict_poses
-    from pinet_lightning.visualize import draw_poses, make_grid
-
-    was_training = net.training
-    net.eval()
-    tiles = []
-    try:
-        for index in range(min(int(num_images), len(dataset))):
-            sample = dataset[index]
-            image, _, _ = dataset.load(index)
-            (poses, scores), = predict_poses(net, sample["image"][None], layout,
-                                             sample["back_transform"][None], decode)
-            image, poses = _enlarge(image, poses.detach().cpu().numpy(), min_side)
-            tiles.append(draw_poses(image, poses, layout, scores, threshold=threshold,
-                                    min_score=min_score))
-    finally:
-        net.train(was_training)
-    return make_grid(tiles) if tiles else None
-
-
-def _save_outputs(cfg: DictConfig, model: Any, datamodule: Any, out_dir: Path,
-                  best: str | None, metrics: dict[str, Any]) -> None:
-    """Rank 0: the inference model file and the picture of predictions."""
-    from pinet_lightning.model import save_model
-    from pinet_lightning.visualize import save_image
-
-    if cfg.get("save_model", True):
-        path = out_dir / "checkpoints" / "model.pt"
-        extra = {"decode": model.decode_cfg.to_dict(),
-                 "protocol": getattr(datamodule, "protocol", None),
-                 "input_size": getattr(datamodule, "input_size", None),
-                 "data": to_plain(dict(getattr(datamodule, "hparams", {}))),
-                 "checkpoint": best, "metrics": format_metrics(metrics)}
-        save_model(path, model.net, extra=extra)
-        metrics["model_path"] = str(path)
-    vis = cfg.get("visualize") or {}
-    if int(vis.get("num_images", 0)) > 0:
-        dataset = datamodule.val_dataset or datamodule.test_dataset
-        if dataset is None:
-            try:
-                datamodule.setup("validate")
-                dataset = datamodule.val_dataset
-            except Exception as err:  # no val split: nothing to draw
-                log.info("no picture of predictions: %s", err)
-        if dataset is not None:
-            device = torch.device("cuda") if (torch.cuda.is_available() and str(
-                cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")) else None
-            net = model.net.to(device) if device is not None else model.net
-            grid = prediction_figure(net, dataset, model.layout, model.decode_cfg,
-                                     vis.get("num_images", 4), vis.get("threshold", 0.2),
-                                     vis.get("min_score", 0.1))
-            if grid is not None:
-                metrics["predictions_png"] = str(save_image(out_dir / "predictions.png", grid))
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, save the outputs; returns the metrics (rank 0: also
     written to ``metrics.json``). Runs in the parent and, under DDP, in every child rank."""
@@ -175,6 +102,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     start = _StartStep()
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, start],
                                       logger=loggers or False, _convert_="all")
+    outputs = [c for c in callbacks if isinstance(c, RunOutput)]  # model.pt, predictions.png
     install_launcher(trainer)
     register_job("pinet_lightning.cli.train:train", out_dir / "config.yaml",
                  [f"ckpt_path={ckpt_path if ckpt_path else 'null'}", "resume=never"])
@@ -199,6 +127,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if best_score is not None:
         metrics["best/val/AP"] = best_score
 
+    previous = _recorded_step(out_dir / "metrics.json") if trainer.is_global_zero else None
+    # a resume that trained nothing new (or a test-only run) must not replace the outputs of
+    # the run that got further
+    keep_outputs = previous is not None and progress["global_step"] <= previous
+    for output in outputs:
+        output.enabled, output.checkpoint = not keep_outputs, best
+
     tested = False
     if cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None):
         if best is None and trainer.is_global_zero:
@@ -211,9 +146,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return metrics
-    if best is not None and not tested:  # the model file holds the best weights
-        state = load_file(best, trust_checkpoint=not safe_load)["state_dict"]
-        model.load_state_dict(state)
+    if not tested and not keep_outputs:  # the outputs show the reported weights
+        if best is not None:
+            model.load_state_dict(load_file(best, trust_checkpoint=not safe_load)["state_dict"])
+        for output in outputs:
+            output.write(trainer, model)
     metrics.update({
         **progress,
         # no on_train_start when a resumed run is already at its end
@@ -225,15 +162,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "last_checkpoint": last,
         "run_dir": str(out_dir),
     })
-    previous = _recorded_step(out_dir / "metrics.json")
-    if previous is not None and progress["global_step"] <= previous:
-        # a resume that trained nothing new (or a test-only run) must not replace the
-        # outputs of the run that got further
+    for output in outputs:
+        if output.written is not None:
+            metrics[_OUTPUT_KEYS.get(type(output).__name__, output.path.stem)] = str(
+                output.written)
+    if keep_outputs:
         log.warning("metrics.json and model.pt of %s are kept: they come from step %d and "
                     "this run ended at step %d", out_dir, previous, progress["global_step"])
         metrics["outputs_kept_from_step"] = previous
     else:
-        _save_outputs(cfg, model, datamodule, out_dir, best, metrics)
         metrics["wall_time_s"] = round(time.time() - started, 1)
         write_metrics(out_dir / "metrics.json", metrics)
     print_metric_table(metrics, title=f"PINet {cfg.get('task_name', 'train')}: {out_dir}")
@@ -242,6 +179,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
 
 REPORTED = ("last", "best")
+_OUTPUT_KEYS = {"ModelExport": "model_path", "PredictionFigure": "predictions_png"}
 
 
 def reported_checkpoint(rule: str, best_by_val: str | None, last: str | None) -> str | None:
