@@ -54,3 +54,21 @@ def test_protocol_from_the_datamodule_then_the_module():
 def test_missing_ground_truth_names_the_setting():
     with pytest.raises(ValueError, match="test_annotation_file"):
         _source("coco", "test")
+
+
+def test_data_module_must_match_the_network_stride_and_convention():
+    """The network owns the output stride and the cell/pixel convention: a data module
+    stating another one is refused at setup, naming the setting (not a silent shift)."""
+    from pinet_lightning.conventions import get_convention
+    from pinet_lightning.module import check_data_matches_network
+
+    net = SimpleNamespace(output_stride=4, convention=get_convention("cell_center"))
+    check_data_matches_network(SimpleNamespace(output_stride=4, convention="cell_center"), net)
+    check_data_matches_network(None, net)
+    check_data_matches_network(SimpleNamespace(), net)  # a user's own data module
+    with pytest.raises(ValueError, match="data.output_stride=4"):
+        check_data_matches_network(SimpleNamespace(output_stride=2, convention="cell_center"),
+                                   net)
+    with pytest.raises(ValueError, match="convention=cell_center"):
+        check_data_matches_network(SimpleNamespace(output_stride=4, convention="published"),
+                                   net)

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from pinet_lightning.config import to_plain as _plain
+from pinet_lightning.conventions import get_convention
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.evaluation import (
     Evaluation,
@@ -66,8 +67,8 @@ from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.losses import PINetLoss
 from pinet_lightning.model import PINet
 
-__all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch"]
-
+__all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch",
+           "check_data_matches_network"]
 
 
 def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -110,6 +111,23 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
             return lowered == "true"
         raise ValueError(f"module.py: {name} must be 'auto', true or false, not '{value}'")
     return bool(value)
+
+
+def check_data_matches_network(datamodule: Any, net: Any) -> None:
+    """Raise when ``datamodule`` (its ``output_stride`` / ``convention``, when it has them)
+    disagrees with the network's; the message names the setting to change."""
+    if datamodule is None:
+        return
+    stride = getattr(datamodule, "output_stride", None)
+    if stride is not None and int(stride) != int(net.output_stride):
+        raise ValueError(f"data.output_stride={stride} but the network's output maps are "
+                         f"input/{net.output_stride}: set data.output_stride="
+                         f"{net.output_stride}")
+    convention = getattr(datamodule, "convention", None)
+    if convention is not None and get_convention(convention).name != net.convention.name:
+        raise ValueError(f"data.convention={get_convention(convention).name} but the network "
+                         f"decodes with '{net.convention.name}': set the top-level "
+                         f"convention={net.convention.name} (it feeds both)")
 
 
 class PINetModule(pl.LightningModule):
@@ -186,6 +204,13 @@ class PINetModule(pl.LightningModule):
         if trainer is not None:
             return trainer.strategy.root_device
         return self.device
+
+    def setup(self, stage: str) -> None:
+        """The data must be encoded the way the network decodes: the network owns the
+        output stride and the cell/pixel convention; a data module that states another one
+        would train or evaluate at shifted or rescaled targets."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        check_data_matches_network(datamodule, self.net)
 
     def configure_model(self) -> None:
         """Apply the speed switches once the trainer's device is known."""
