@@ -84,35 +84,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
-    from hydra.utils import instantiate
-
     started = time.time()
     _check_required(cfg)
     out_dir = start_run(cfg)  # rank 0 alone writes into the run directory
     # train: the checkpoint to resume; train=false: the checkpoint to test
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
-
-    _wandb_offline(cfg)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    if not loggers:
-        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    start = _StartStep()
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, start],
-                                      logger=loggers or False, _convert_="all")
-    outputs = [c for c in callbacks if isinstance(c, RunOutput)]  # model.pt, predictions.png
-    install_launcher(trainer)
-    register_job("pinet_lightning.cli.train:train", out_dir / "config.yaml",
-                 [f"ckpt_path={ckpt_path if ckpt_path else 'null'}", "resume=never"])
-    if loggers and trainer.is_global_zero:
-        config = to_plain(cfg)
-        for lg in trainer.loggers:
-            lg.log_hyperparams({"config": config})
-
+    datamodule, model, trainer = _build(cfg, out_dir, ckpt_path)
+    start = next(c for c in trainer.callbacks if isinstance(c, _StartStep))
+    outputs = [c for c in trainer.callbacks if isinstance(c, RunOutput)]  # model.pt, pictures
     # checkpoints are read without running code unless the user trusts them explicitly
     safe_load = not cfg.get("trust_checkpoint", False)
+
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=safe_load)
@@ -138,34 +120,29 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None):
         if best is None and trainer.is_global_zero:
             log.warning("no checkpoint to report: testing the current weights")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best,
-                               weights_only=safe_load)
-        for res in results:
+        for res in trainer.test(model, datamodule=datamodule, ckpt_path=best,
+                                weights_only=safe_load):
             metrics.update(format_metrics(res))
         tested = best is not None
-
     if not trainer.is_global_zero:
         return metrics
+
     if not tested and not keep_outputs:  # the outputs show the reported weights
         if best is not None:
             model.load_state_dict(load_file(best, trust_checkpoint=not safe_load)["state_dict"])
         for output in outputs:
             output.write(trainer, model)
+    metrics.update(progress)
     metrics.update({
-        **progress,
         # no on_train_start when a resumed run is already at its end
         "start_step": (start.start_step if start.start_step is not None or not
                        cfg.get("train", True) else progress["global_step"]),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
-        "reported_checkpoint": best,
-        "best_checkpoint": best_by_val,
-        "last_checkpoint": last,
+        "reported_checkpoint": best, "best_checkpoint": best_by_val, "last_checkpoint": last,
         "run_dir": str(out_dir),
+        **{_OUTPUT_KEYS.get(type(o).__name__, o.path.stem): str(o.written)
+           for o in outputs if o.written is not None},
     })
-    for output in outputs:
-        if output.written is not None:
-            metrics[_OUTPUT_KEYS.get(type(output).__name__, output.path.stem)] = str(
-                output.written)
     if keep_outputs:
         log.warning("metrics.json and model.pt of %s are kept: they come from step %d and "
                     "this run ended at step %d", out_dir, previous, progress["global_step"])
@@ -176,6 +153,31 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     print_metric_table(metrics, title=f"PINet {cfg.get('task_name', 'train')}: {out_dir}")
     log.info("run directory: %s", out_dir)
     return metrics
+
+
+def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
+           ) -> tuple[Any, Any, pl.Trainer]:
+    """The data module, the LightningModule and the trainer with the configured callbacks
+    and loggers; registers the job for DDP children and logs the config."""
+    from hydra.utils import instantiate
+
+    _wandb_offline(cfg)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, _StartStep()],
+                                      logger=loggers or False, _convert_="all")
+    install_launcher(trainer)
+    register_job("pinet_lightning.cli.train:train", out_dir / "config.yaml",
+                 [f"ckpt_path={ckpt_path if ckpt_path else 'null'}", "resume=never"])
+    if loggers and trainer.is_global_zero:
+        config = to_plain(cfg)
+        for lg in trainer.loggers:
+            lg.log_hyperparams({"config": config})
+    return datamodule, model, trainer
 
 
 REPORTED = ("last", "best")
