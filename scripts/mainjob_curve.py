@@ -77,6 +77,7 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
     from hydra.utils import instantiate
 
     from pinet_lightning.datamodule import train_collate
+    from pinet_lightning.targets import heatmap_targets
 
     cfg = _compose(overrides)
     dm = instantiate(cfg.data, _convert_="all")
@@ -107,8 +108,11 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
     def no_refine() -> None:
         outputs = module.net(batch["image"])
         crit = module.criterion
-        heat = crit.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"], batch)
-        off = crit.offset_loss(outputs["offsets"], batch["offsets"], batch["offset_weights"])
+        heat = crit.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"],
+                                 heatmap_targets(batch))
+        omega = crit._omega(outputs, batch)  # None: a dense batch (data.sparse_targets=false)
+        off = (crit.offset_loss(outputs["offsets"], omega) if omega is not None else
+               crit.offset_loss(outputs["offsets"], batch["offsets"], batch["offset_weights"]))
         loss = crit.heatmap_weight * heat + crit.offset_weight * off
         optimizer.zero_grad()
         loss.backward()
