@@ -64,7 +64,7 @@ from pinet_lightning.evaluation import (
 )
 from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.losses import PINetLoss
-from pinet_lightning.model import PINet
+from pinet_lightning.network import PINet
 
 __all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch"]
 

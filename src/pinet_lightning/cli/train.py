@@ -7,7 +7,7 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
 - ``checkpoints/``: ``last.ckpt`` (every epoch end and on interrupts,
   :class:`~pinet_lightning.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
   and ``model.pt`` (the inference model of the reported checkpoint,
-  :func:`pinet_lightning.model.save_model`);
+  :func:`pinet_lightning.network.save_model`);
 - ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
   first val images; ``csv/`` (or the chosen loggers) with per-step logs and evaluation jsons.
 
@@ -117,7 +117,7 @@ def prediction_figure(net: torch.nn.Module, dataset: Any, layout: Any, decode: A
 def _save_outputs(cfg: DictConfig, model: Any, datamodule: Any, out_dir: Path,
                   best: str | None, metrics: dict[str, Any]) -> None:
     """Rank 0: the inference model file and the picture of predictions."""
-    from pinet_lightning.model import save_model
+    from pinet_lightning.network import save_model
     from pinet_lightning.visualize import save_image
 
     if cfg.get("save_model", True):
