@@ -41,7 +41,6 @@ def test_builtin_values(name, k, flip, sigmas_x10, parts):
     assert layout.num_keypoints == k == len(layout.names) == len(set(layout.names))
     assert list(layout.flip_index) == flip
     np.testing.assert_allclose(layout.sigmas, np.asarray(sigmas_x10) / 10, rtol=0, atol=1e-12)
-    assert layout.sigma_array.dtype == np.float32 and layout.sigma_array.shape == (k,)
     assert [list(p) for p in layout.parts] == parts
     assert layout.num_parts == 3 and layout.part_names == ("head", "body", "legs")
 

@@ -44,14 +44,12 @@ class Proposals:
     batch_index: (N,) long image index. part_index: (N,) long part index.
     valid: (N,) bool, whether the proposal counts (rank < m; with ``empty_cells=False``
         also a positive score).
-    scores: (N,) float, the sampling score of the cell.
     """
 
     cells: Tensor
     batch_index: Tensor
     part_index: Tensor
     valid: Tensor
-    scores: Tensor
 
     def __len__(self) -> int:
         return self.cells.shape[0]
@@ -109,7 +107,6 @@ def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
         batch_index=batch_index.reshape(-1),
         part_index=part_index.reshape(-1),
         valid=valid.reshape(-1),
-        scores=values.reshape(-1),
     )
 
 
