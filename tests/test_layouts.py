@@ -11,7 +11,7 @@ from pinet_lightning.layouts import Layout, available_layouts, get_layout, regis
 
 # SPEC 1 sigmas, written x10
 COCO_SIGMAS_X10 = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07,
-                   .87, .87, .89, .89]  # fmt: skip
+                   .87, .87, .89, .89]
 CROWDPOSE_SIGMAS_X10 = [.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79, .79]
 
 

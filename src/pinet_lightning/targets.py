@@ -99,7 +99,7 @@ def _check_inputs(
         )
     if not np.isfinite(ar).all():
         raise ValueError(f"{_WHERE}: areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
-                         "check the boxes given to the augmentation")  # fmt: skip
+                         "check the boxes given to the augmentation")
     try:
         height, width = (int(s) for s in output_size)
     except (TypeError, ValueError):
@@ -241,7 +241,7 @@ def _draw_windows(
     cols = first[:, 0, None] + steps  # (M, L)
     rows = (channel[:, None] * height + first[:, 1, None] + steps) * width  # (M, L)
     flat = np.where(inside[:, 1, :, None] & inside[:, 0, None, :],
-                    rows[:, :, None] + cols[:, None, :], dump)  # fmt: skip
+                    rows[:, :, None] + cols[:, None, :], dump)
     values = gauss[:, 1, :, None] * gauss[:, 0, None, :]  # (M, L rows, L cols) float32
     np.maximum.at(heat, flat.ravel(), values.ravel())
     window[flat.ravel()] = 1.0
@@ -322,7 +322,7 @@ def encode_targets(
     xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]]).reshape(-1, 2)
     channel = np.concatenate([vk, k + cp[drawn]])
     first, length, gauss = _gaussian_windows(xy, sigma, height, width, window_sigmas,
-                                             window_margin)  # fmt: skip
+                                             window_margin)
     out: dict[str, np.ndarray] = {}
     if heatmaps_format == "windows":
         if mask is None:
@@ -335,7 +335,7 @@ def encode_targets(
                              "(0 = ignore, 1 = keep) or use heatmaps_format='dense'")
         out.update(window_channel=channel.astype(np.int32), window_first=first,
                    window_length=length, window_gauss=gauss, ignore_mask=ignore,
-                   bg_weight=np.array(bg_weight, np.float32))  # fmt: skip
+                   bg_weight=np.array(bg_weight, np.float32))
     else:
         hw = height * width
         heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
@@ -346,7 +346,7 @@ def encode_targets(
         if mask is not None:
             loss_mask *= mask
         out.update(heatmaps=heat[:k], heatmap_mask=loss_mask[:k], part_heatmaps=heat[k:],
-                   part_mask=loss_mask[k:])  # fmt: skip
+                   part_mask=loss_mask[k:])
 
     at_pair, offset_xy, offset_w = _offset_claims(
         kp, ar, valid, cn, cp, center_xy, k, height, width, radius
@@ -506,7 +506,7 @@ def render_windows(channel: Tensor, first: Tensor, length: Tensor, gauss: Tensor
     rows = (channel[:, None] * h + first[:, 1, None] + steps) * w
     dump = c * h * w  # cells outside a window go to one extra slot, dropped at the end
     flat = torch.where(inside[:, 1, :, None] & inside[:, 0, None, :],
-                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)  # fmt: skip
+                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)
     values = (gauss[:, 1, :, None] * gauss[:, 0, None, :]).reshape(-1)  # float32 as numpy's
     heat = torch.zeros(dump + 1, dtype=torch.float32, device=gauss.device)
     heat.scatter_reduce_(0, flat, values.float(), reduce="amax")  # max: order-independent
@@ -537,7 +537,7 @@ def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
     b = ignore.shape[0]
     heat, window = render_windows(batch["window_channel"], batch["window_first"],
                                   batch["window_length"], batch["window_gauss"],
-                                  (b * (k + p), h, w))  # fmt: skip
+                                  (b * (k + p), h, w))
     heat, window = heat.view(b, k + p, h, w), window.view(b, k + p, h, w)
     # Loss weight 1 in a window, the background weight elsewhere, times the ignore mask.
     background = batch["bg_weight"].float().view(b, 1, 1, 1)
