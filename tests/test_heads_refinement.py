@@ -106,7 +106,7 @@ def test_refinement_empty_and_single_proposal():
     corr = pr(feats, poses, cells, batch_index)  # BN with one row: running statistics
     assert corr.shape == (1, 14, 2) and torch.isfinite(corr).all()
     assert torch.equal(pr.readout_norm.running_mean, running)
-    with pytest.raises(ValueError, match="refinement.py"):
+    with pytest.raises(ValueError, match=r"poses must be \(N, 14, 2\), got"):
         pr(feats, poses[:, :5], cells, batch_index)
 
 

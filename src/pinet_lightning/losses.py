@@ -65,7 +65,7 @@ class HeatmapLoss(nn.Module):
         target = torch.cat([targets["heatmaps"], targets["part_heatmaps"]], dim=1).float()
         mask = torch.cat([targets["heatmap_mask"], targets["part_mask"]], dim=1).float()
         if pred.shape != target.shape:
-            raise ValueError(f"losses.py: heatmap predictions {tuple(pred.shape)} do not match "
+            raise ValueError(f"heatmap predictions {tuple(pred.shape)} do not match "
                              f"the targets {tuple(target.shape)}; check the layout and the "
                              "output size (input size / 4) of the data module")
         return ((pred - target) ** 2 * mask).mean()
@@ -88,12 +88,12 @@ class OffsetLoss(nn.Module):
         if isinstance(target, OmegaBatch):
             b, p, k, h, w = target.shape
             if tuple(offsets.shape) != (b, p * k * 2, h, w):
-                raise ValueError(f"losses.py: offsets {tuple(offsets.shape)} do not match "
+                raise ValueError(f"offsets {tuple(offsets.shape)} do not match "
                                  f"Omega's (B, P*K*2, h, w) = {(b, p * k * 2, h, w)}")
             return weighted_smooth_l1(target.at_entries(offsets), target.offsets,
                                       target.weights[:, None].expand(-1, 2), self.beta)
         if weights is None or offsets.shape != target.shape or target.shape != weights.shape:
-            raise ValueError(f"losses.py: offsets {tuple(offsets.shape)}, targets "
+            raise ValueError(f"offsets {tuple(offsets.shape)}, targets "
                              f"{tuple(target.shape)} and weights "
                              f"{None if weights is None else tuple(weights.shape)} differ")
         return weighted_smooth_l1(offsets, target, weights, self.beta)

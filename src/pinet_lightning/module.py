@@ -91,11 +91,11 @@ def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = Tr
     """Defaults updated by the given mapping; unknown keys are an error when ``strict``."""
     given = _plain(given) if given is not None else {}
     if not isinstance(given, Mapping):
-        raise TypeError(f"module.py: PINetModule({name}=...) must be a mapping, "
+        raise TypeError(f"PINetModule({name}=...) must be a mapping, "
                         f"not {type(given).__name__}")
     unknown = sorted(set(given) - set(defaults))
     if strict and unknown:
-        raise ValueError(f"module.py: unknown PINetModule {name} keys {unknown}; "
+        raise ValueError(f"unknown PINetModule {name} keys {unknown}; "
                          f"known: {sorted(defaults)} (fix the {name} section of the config)")
     return {**copy.deepcopy(dict(defaults)), **given}
 
@@ -108,7 +108,7 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
             return device.type == "cuda"
         if lowered in ("true", "false"):
             return lowered == "true"
-        raise ValueError(f"module.py: {name} must be 'auto', true or false, not '{value}'")
+        raise ValueError(f"{name} must be 'auto', true or false, not '{value}'")
     return bool(value)
 
 
@@ -173,7 +173,7 @@ class PINetModule(pl.LightningModule):
         self._eval_results: dict[int, list[dict]] = {}
         self.evaluations: dict[str, Evaluation] = {}  # the last evaluation of each stage
         if finite_check_every is not None and int(finite_check_every) < 1:
-            raise ValueError(f"module.py: finite_check_every must be >= 1 or null, got "
+            raise ValueError(f"finite_check_every must be >= 1 or null, got "
                              f"{finite_check_every}")
         self.finite_check_every = None if finite_check_every is None else int(finite_check_every)
         self._nonfinite: Tensor | None = None  # per loss term: seen non-finite since the check
@@ -260,7 +260,7 @@ class PINetModule(pl.LightningModule):
         last = int(self.global_step)
         where = f"at step {last}" if first == last else f"between steps {first} and {last}"
         raise NonFiniteLossError(
-            f"module.py: the training loss became NaN or infinite ({terms}) {where} (epoch "
+            f"the training loss became NaN or infinite ({terms}) {where} (epoch "
             f"{self.current_epoch}): training diverged and was stopped. Lower "
             "model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check the data; "
             "checkpoints/last.ckpt, if an epoch finished, keeps its weights (it is not "
@@ -338,7 +338,7 @@ class PINetModule(pl.LightningModule):
             return dm.evaluator(stage)
         if given is None:
             raise ValueError(
-                f"module.py: {stage} evaluation needs the ground-truth json: use a data module "
+                f"{stage} evaluation needs the ground-truth json: use a data module "
                 f"with an evaluator(stage) (PINetDataModule) or pass PINetModule({key}=...)"
             )
         protocol = (self.hparams.get("eval_protocol") or getattr(dm, "protocol", None)

@@ -55,13 +55,13 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
         return load_image(image)
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         got = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"predictor.py: expected an (H, W, 3) RGB uint8 array or an image "
+        raise ValueError(f"expected an (H, W, 3) RGB uint8 array or an image "
                          f"path, got {got}; convert grayscale/RGBA images to RGB first")
     if image.dtype != np.uint8:
-        raise ValueError(f"predictor.py: expected a uint8 image (0..255), got {image.dtype}; "
+        raise ValueError(f"expected a uint8 image (0..255), got {image.dtype}; "
                          "use image.astype(np.uint8) on 0..255 data")
     if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"predictor.py: the image is empty ({image.shape[0]} x "
+        raise ValueError(f"the image is empty ({image.shape[0]} x "
                          f"{image.shape[1]} pixels); pass an image with pixels")
     return image
 

@@ -63,12 +63,12 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
     if isinstance(offset_weights, OmegaBatch):
         if offset_weights.shape != (b, p, num_keypoints, h, w):
             raise ValueError(
-                f"proposals.py: Omega of shape (B, P, K, h, w) = {offset_weights.shape} does "
+                f"Omega of shape (B, P, K, h, w) = {offset_weights.shape} does "
                 f"not match part heatmaps {tuple(part_heatmaps.shape)} and K = {num_keypoints}")
         return part_heatmaps * offset_weights.part_weights()
     if offset_weights.shape != (b, p * num_keypoints * 2, h, w):
         raise ValueError(
-            f"proposals.py: offset_weights {tuple(offset_weights.shape)} should be "
+            f"offset_weights {tuple(offset_weights.shape)} should be "
             f"(B, P*K*2, h, w) = {(b, p * num_keypoints * 2, h, w)} for part heatmaps "
             f"{tuple(part_heatmaps.shape)} and K = {num_keypoints}")
     weight = offset_weights.view(b, p, num_keypoints * 2, h, w).amax(dim=2)
@@ -123,7 +123,7 @@ def gather_at_cells(maps: Tensor, cells: Tensor, batch_index: Tensor, part_index
     """
     b, c, h, w = maps.shape
     if c % (num_keypoints * 2):
-        raise ValueError(f"proposals.py: {c} offset channels are not P * K * 2 for K = "
+        raise ValueError(f"{c} offset channels are not P * K * 2 for K = "
                          f"{num_keypoints}")
     p = c // (num_keypoints * 2)
     cells = cells.long()

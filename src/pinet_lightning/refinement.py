@@ -245,7 +245,7 @@ class PoseRefinement(nn.Module):
         else:
             adjacency = get_layout(layout).adjacency()
         if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
-            raise ValueError(f"refinement.py: adjacency must be (K, K), got {adjacency.shape}")
+            raise ValueError(f"adjacency must be (K, K), got {adjacency.shape}")
         self.num_keypoints = adjacency.shape[0]
         hidden = hidden_channels or in_channels
         self.adjacency = nn.Parameter(normalized_adjacency(adjacency))
@@ -267,7 +267,7 @@ class PoseRefinement(nn.Module):
         """
         n, k = poses.shape[0], self.num_keypoints
         if poses.ndim != 3 or poses.shape[1:] != (k, 2):
-            raise ValueError(f"refinement.py: poses must be (N, {k}, 2), got "
+            raise ValueError(f"poses must be (N, {k}, 2), got "
                              f"{tuple(poses.shape)}")
         if n == 0:
             return features.new_zeros((0, k, 2))

@@ -71,8 +71,6 @@ TARGET_KEYS: tuple[str, ...] = (
     "offset_weights",
 )
 
-_WHERE = "pinet_lightning/targets.py"
-
 
 def _check_inputs(
     keypoints: np.ndarray,
@@ -87,33 +85,33 @@ def _check_inputs(
         kp = kp.reshape(0, k, 3)
     if kp.ndim != 3 or kp.shape[1:] != (k, 3):
         raise ValueError(
-            f"{_WHERE}: keypoints must have shape (N, {k}, 3) = (x, y, v) in output cells for "
+            f"keypoints must have shape (N, {k}, 3) = (x, y, v) in output cells for "
             f"layout '{layout.name}', got {kp.shape}; pass one row per person, or check that "
             "the dataset's layout matches its annotations"
         )
     ar = np.zeros(kp.shape[0]) if areas is None else np.asarray(areas, np.float64).reshape(-1)
     if ar.shape[0] != kp.shape[0]:
         raise ValueError(
-            f"{_WHERE}: got {kp.shape[0]} people but {ar.shape[0]} areas; pass one box area "
+            f"got {kp.shape[0]} people but {ar.shape[0]} areas; pass one box area "
             "(in input pixels) per person"
         )
     if not np.isfinite(ar).all():
-        raise ValueError(f"{_WHERE}: areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
+        raise ValueError(f"areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
                          "check the boxes given to the augmentation")
     try:
         height, width = (int(s) for s in output_size)
     except (TypeError, ValueError):
         raise ValueError(
-            f"{_WHERE}: output_size must be (H, W), got {output_size!r}"
+            f"output_size must be (H, W), got {output_size!r}"
         ) from None
     if height <= 0 or width <= 0:
-        raise ValueError(f"{_WHERE}: output_size must be positive, got {(height, width)}")
+        raise ValueError(f"output_size must be positive, got {(height, width)}")
     mask = None
     if ignore_mask is not None:
         mask = np.asarray(ignore_mask, dtype=np.float32)
         if mask.shape != (height, width):
             raise ValueError(
-                f"{_WHERE}: ignore_mask must have the output shape {(height, width)} "
+                f"ignore_mask must have the output shape {(height, width)} "
                 f"(0 = ignore), got {mask.shape}; resize it to the output map first"
             )
     return kp, ar, height, width, mask
@@ -123,21 +121,21 @@ def _check_settings(sigma: float, radius: int, bg_weight: float, window_sigmas: 
                     window_margin: float, offsets_format: str, heatmaps_format: str) -> None:
     """The target settings' checks, shared by :func:`encode_targets` and the codec."""
     if not sigma > 0:
-        raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
+        raise ValueError(f"sigma must be positive, got {sigma}")
     if not window_sigmas > 0:
-        raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
+        raise ValueError(f"window_sigmas must be positive, got {window_sigmas}")
     if not window_margin >= 0:
-        raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got {window_margin}")
+        raise ValueError(f"window_margin must be >= 0 cells, got {window_margin}")
     if int(radius) != radius or radius < 1:
-        raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
+        raise ValueError(f"radius must be a positive integer, got {radius}")
     if offsets_format not in ("dense", "omega"):
-        raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
+        raise ValueError(f"offsets_format must be 'dense' or 'omega', "
                          f"got {offsets_format!r}")
     if heatmaps_format not in ("dense", "windows"):
-        raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
+        raise ValueError(f"heatmaps_format must be 'dense' or 'windows', "
                          f"got {heatmaps_format!r}")
     if not 0.0 <= bg_weight <= 1.0:
-        raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
+        raise ValueError(f"bg_weight must be in [0, 1], got {bg_weight}")
 
 
 def _counting(kp: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -330,7 +328,7 @@ def encode_targets(
         elif ((mask == 0) | (mask == 1)).all():
             ignore = mask.astype(np.uint8)
         else:
-            raise ValueError(f"{_WHERE}: heatmaps_format='windows' carries the ignore mask as "
+            raise ValueError("heatmaps_format='windows' carries the ignore mask as "
                              "0/1 bytes, but it holds other values; threshold it first "
                              "(0 = ignore, 1 = keep) or use heatmaps_format='dense'")
         out.update(window_channel=channel.astype(np.int32), window_first=first,
@@ -453,7 +451,7 @@ class PINetTargetCodec:
         size = self.output_size
         size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
         if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"{_WHERE}: output_size must be (H, W) > 0, got {self.output_size}")
+            raise ValueError(f"output_size must be (H, W) > 0, got {self.output_size}")
         object.__setattr__(self, "output_size", size)
         _check_settings(self.sigma, self.radius, self.bg_weight, self.window_sigmas,
                         self.window_margin, self.offsets_format, self.heatmaps_format)
@@ -529,7 +527,7 @@ def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return {key: batch[key] for key in HEATMAP_KEYS}
     missing = [key for key in WINDOW_KEYS if key not in batch]
     if missing:
-        raise KeyError(f"targets.py: the batch has neither the dense heatmap targets "
+        raise KeyError(f"the batch has neither the dense heatmap targets "
                        f"{list(HEATMAP_KEYS)} nor the Gaussian windows (lacks {missing}); "
                        "build it with encode_targets and datamodule.train_collate")
     k, p, h, w = (int(v) for v in batch["target_shape"])
@@ -568,7 +566,7 @@ class OmegaBatch:
         """The Omega entries of a batch from ``train_collate`` (``omega_*`` keys)."""
         missing = [key for key in OMEGA_KEYS if key not in batch]
         if missing:
-            raise KeyError(f"targets.py: the batch has neither the dense offset targets "
+            raise KeyError(f"the batch has neither the dense offset targets "
                            f"['offsets', 'offset_weights'] nor Omega (lacks {missing}); build "
                            "it with encode_targets and datamodule.train_collate")
         k, p, h, w = (int(v) for v in batch["target_shape"])

@@ -161,7 +161,7 @@ def ddp_job_scope() -> Iterator[None]:
 def _load_task(spec: str) -> Any:
     module_name, _, func = spec.partition(":")
     if not func:
-        raise ValueError(f"cli/ddp.py: task must be 'module:function', got '{spec}'")
+        raise ValueError(f"task must be 'module:function', got '{spec}'")
     return getattr(importlib.import_module(module_name), func)
 
 
