@@ -9,9 +9,9 @@ offsets: refined offset = coarse offset + correction.
 Memory layout: inside the network node features are node-major, (K, N, C), so the adjacency
 product A (X W) is ONE (K, K) x (K, N*C) matrix product on a view (no copy). In the
 proposal-major (N, K, C) layout ``matmul`` needs a transposed copy and a product per proposal
-(about 2x slower forward + backward on CPU, scripts/bench_refinement.py). The product gives
-bitwise the same values either way; the module's parameters and outputs are unchanged (up to
-float rounding: the batch norm statistics sum the rows in another order).
+(timings: scripts/bench_refinement.py). The product gives bitwise the same values either
+way; the module's parameters and outputs are unchanged (up to float rounding: the batch norm
+statistics sum the rows in another order).
 
 Batch norm layout: node features are normalized as K*N rows of C channels (BatchNorm1d(C));
 the readout normalizes N rows. With a ``valid`` mask (training proposals beyond the count m

@@ -31,7 +31,7 @@ open, fixed here and tested in tests/test_targets.py:
 Sparse forms (what the loader workers send by default, ``data.sparse_targets``): Omega's
 entries instead of the dense offsets and weights (``offsets_format="omega"``), and each
 Gaussian as its window's two 1-D factors instead of the four heatmap maps
-(``heatmaps_format="windows"``): about 0.15 MB instead of 13 MB for a crowded sample at 512.
+(``heatmaps_format="windows"``); their size against the dense maps: scripts/bench_loader.py.
 The torch half of this module reads a collated sparse batch on the device:
 :func:`heatmap_targets` renders the heatmaps (the float32 products and maxima of the dense
 encoder, so bit for bit the same maps) and :class:`OmegaBatch` serves the offset loss and
@@ -280,7 +280,8 @@ def encode_targets(
             and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
             ascending into the flattened (P*K, H, W) (channel pair ``p * K + k``, row,
             column), ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,)
-            float32, about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
+            float32 (sizes: scripts/bench_loader.py); :func:`densify_offsets` rebuilds the
+            dense pair.
         window_sigmas, window_margin: the Gaussian windows hold the cells strictly closer
             than ``window_sigmas * sigma + window_margin`` on each axis (SPEC: about 3 sigma;
             the published generator: 3 sigma + 2 cells).
