@@ -1,4 +1,4 @@
-"""Keypoint layouts (SPEC 1): built-in values and layouts from config mappings."""
+"""Keypoint layouts (algorithm.md 1): built-in values and layouts from config mappings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Heatmap, offset and refine losses, and the PINet total (SPEC 4)."""
+"""Heatmap, offset and refine losses, and the PINet total (algorithm.md 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training proposal sampling (SPEC 4) on hand-built batches."""
+"""Training proposal sampling (algorithm.md 4) on hand-built batches."""
 
 from __future__ import annotations
 

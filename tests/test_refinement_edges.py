@@ -1,4 +1,4 @@
-"""Pose Refinement's construction by hand: the published initialization laws (SPEC 3), the
+"""Pose Refinement's construction by hand: the published initialization laws (algorithm.md 3), the
 graph conv's single bias, the defaults (3 residual blocks, the cell_center convention), the
 adjacency's dtype and shape checks."""
 

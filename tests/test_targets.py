@@ -1,4 +1,4 @@
-"""Training targets (SPEC 2): hand-computed cases, a slow loop reference and the real
+"""Training targets (algorithm.md 2): hand-computed cases, a slow loop reference and the real
 CrowdPose validation annotations."""
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def test_omega_format_is_the_dense_targets_without_zeros():
 
 
 def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area, in_map):
-    """SPEC 2 with the module's documented choices, one person/keypoint/cell at a time."""
+    """algorithm.md 2 with the module's documented choices, one person/keypoint/cell at a time."""
     h, w = size
     k_num, p_num = layout.num_keypoints, layout.num_parts
     heat = np.zeros((k_num, h, w))

@@ -1,5 +1,5 @@
 """Backbone: a timm feature extractor whose stride >= 4 maps are upsampled to the stride-4
-map and concatenated (SPEC 3: HRNet-W32 -> 32 + 64 + 128 + 256 = 480 channels at S/4).
+map and concatenated (algorithm.md 3: HRNet-W32 -> 32 + 64 + 128 + 256 = 480 channels at S/4).
 
 HRNet uses its four raw branch outputs (``feature_location=""``), not timm's "incre"
 classification-head features. Any other timm model with ``features_only`` support works

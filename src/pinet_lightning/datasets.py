@@ -18,7 +18,7 @@ Choices:
   ``cell_center`` alignment.
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
-- People (SPEC 2.0, the published dataset): every annotation that is not a crowd region,
+- People (algorithm.md 2.0, the published dataset): every annotation that is not a crowd region,
   plus crowd annotations with keypoints. "Has keypoints" is read from the v flags, never
   from ``num_keypoints`` (CrowdPose's counts only its 12 body joints, not head and neck).
 - Ignore mask (0 = ignore), ``ignore_regions=True`` (COCO): crowd regions (``iscrowd`` 1)
@@ -233,7 +233,7 @@ class CocoKeypointDataset(Dataset):
 
     @staticmethod
     def _is_person(ann: dict) -> bool:
-        """Not a crowd region, or a crowd annotation with keypoints (SPEC 2.0)."""
+        """Not a crowd region, or a crowd annotation with keypoints (algorithm.md 2.0)."""
         return not ann.get("iscrowd", 0) or _num_labelled(ann) > 0
 
     def _keep_for_training(self, image_id: int) -> bool:

@@ -152,7 +152,7 @@ def check_image(image: np.ndarray, where: str) -> None:
 def inference_resize(
     image: np.ndarray, input_size: int = 512, multiple: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize for inference (SPEC 5.1).
+    """Resize for inference (algorithm.md 5.1).
 
     Returns the network input (H', W', 3), both sides multiples of ``multiple`` (short side
     ``input_size`` rounded up), and the float64 2x3 affine mapping network-input pixels back to

@@ -1,7 +1,7 @@
 """Keypoint layouts: names, flip order, OKS sigmas, body parts and skeleton.
 
-A layout is data, not code (SPEC section 1): the built-in ones are plain dictionaries and a
-new COCO-format dataset describes its own keypoints in a config file, passed to
+A layout is data, not code (docs/algorithm.md, section 1): the built-in ones are plain
+dictionaries and a new COCO-format dataset describes its own keypoints in a config file, passed to
 :func:`get_layout` as a mapping.
 """
 

@@ -1,4 +1,4 @@
-"""PINet training losses (SPEC 4).
+"""PINet training losses (algorithm.md 4).
 
 Contract for the LightningModule::
 
@@ -13,7 +13,7 @@ Contract for the LightningModule::
 
 ``net`` is anything with ``refine(features, poses, cells, batch_index, valid=None)``: the
 PINet (or the un-compiled ``_orig_mod`` of a compiled one). Everything runs on the device of
-the outputs without host syncs: the proposal count m of SPEC 4 is applied as a mask over a
+the outputs without host syncs: the proposal count m of algorithm.md 4 is applied as a mask over a
 fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.proposals`), so the
 shapes are static. Losses are computed in float32 even under bf16 autocast.
 
@@ -72,7 +72,7 @@ class HeatmapLoss(nn.Module):
 
 
 class OffsetLoss(nn.Module):
-    """Smooth L1 on the offset maps, on Omega alone (SPEC 4).
+    """Smooth L1 on the offset maps, on Omega alone (algorithm.md 4).
 
     ``forward(offsets, target, weights)`` with dense targets and weights of the offsets'
     shape, or ``forward(offsets, omega)`` with an :class:`OmegaBatch`: the predictions are
@@ -107,7 +107,7 @@ class RefineLoss(OffsetLoss):
 
 
 class PINetLoss(nn.Module):
-    """Total PINet loss: heatmap + offset + refine, weighted (SPEC 4).
+    """Total PINet loss: heatmap + offset + refine, weighted (algorithm.md 4).
 
     Args:
         heatmap_weight, offset_weight, refine_weight: loss weights (1.0, 0.03, 0.03).
@@ -173,7 +173,7 @@ class PINetLoss(nn.Module):
         props: Proposals = sample_proposals(heat["part_heatmaps"], weight_source, num_keypoints,
                                             self.proposals_per_part,
                                             empty_cells=self.proposals_at_empty_cells)
-        # The coarse poses come from the predicted offsets, detached (SPEC 4).
+        # The coarse poses come from the predicted offsets, detached (algorithm.md 4).
         coarse = gather_at_cells(outputs["offsets"].detach(), props.cells, props.batch_index,
                                  props.part_index, num_keypoints)
         if omega is None:

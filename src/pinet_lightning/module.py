@@ -113,12 +113,12 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
 
 
 class PINetModule(pl.LightningModule):
-    """PINet training (SPEC 4, 6) and evaluation (SPEC 5, 7) in Lightning.
+    """PINet training (algorithm.md 4, 6) and evaluation (algorithm.md 5, 7) in Lightning.
 
     Args:
         layout: layout name or mapping (stored as given; see :func:`get_layout`).
         network: ``PINet`` keyword arguments (backbone, pretrained, refine_layers).
-        loss: ``PINetLoss`` keyword arguments (SPEC 4 weights, beta, proposals per part).
+        loss: ``PINetLoss`` keyword arguments (algorithm.md 4 weights, beta, proposals per part).
         optimizer: Adam ``lr``, MultiStepLR ``milestones`` (in epochs) and ``gamma``.
         decode: ``DecodeConfig`` fields used by validation / test / predict.
         channels_last, compile: "auto" (on CUDA only), True or False.
@@ -279,7 +279,8 @@ class PINetModule(pl.LightningModule):
         self._eval_results = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam + MultiStepLR stepped per epoch (SPEC 6). Clipping: Trainer.gradient_clip_val."""
+        """Adam + MultiStepLR stepped per epoch (algorithm.md 4, 6); clipping:
+        Trainer.gradient_clip_val."""
         cfg = self.hparams.optimizer
         optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr"]))
         scheduler = torch.optim.lr_scheduler.MultiStepLR(

@@ -1,4 +1,4 @@
-"""The PINet network (SPEC 3): backbone -> PPG heads, plus the Pose Refinement graph
+"""The PINet network (algorithm.md 3): backbone -> PPG heads, plus the Pose Refinement graph
 network, and a plain-torch save/load (state dict + constructor config, no Lightning)."""
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class PINet(nn.Module):
         refine_layers: L residual graph blocks in PR (3 CrowdPose, 2 COCO/OCHuman).
         feature_channels: if set, a 1x1 conv + BN + ReLU projects the concatenated backbone
             features to this width before the heads and PR (None: use them as they are,
-            SPEC).
-        head_init_std: the PPG convolutions start normal(0, this) with zero biases (SPEC 3).
+            algorithm.md 3).
+        head_init_std: the PPG convolutions start normal(0, this) with zero biases (algorithm.md 3).
         convention: the cell/pixel convention the network is trained under (``cell_center``,
             ours; ``published`` for the authors' weights, see
             :mod:`pinet_lightning.conventions`): decoding and the refinement follow it.

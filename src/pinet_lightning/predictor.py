@@ -4,7 +4,7 @@
 >>> people = predictor("street.jpg")                             # list[Person]
 >>> people[0].keypoints  # (K, 3): x, y in the image's pixels, keypoint score
 
-Each image is resized as the network's cell/pixel convention says (SPEC 5.1; ours:
+Each image is resized as the network's cell/pixel convention says (algorithm.md 5.1; ours:
 ``inference_resize``), images of the same resized size are batched, and ``predict_poses``
 decodes them (flip test, refinement, fusion).
 """
@@ -72,8 +72,8 @@ class Predictor:
     Args:
         net: a ``PINet``.
         layout: keypoint layout (default ``net.layout``).
-        decode_cfg: ``DecodeConfig`` or a mapping of its fields (SPEC 5 defaults).
-        input_size: short side of the network input (SPEC 5.1).
+        decode_cfg: ``DecodeConfig`` or a mapping of its fields (the defaults of algorithm.md 5).
+        input_size: short side of the network input (algorithm.md 5.1).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).

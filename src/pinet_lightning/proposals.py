@@ -1,4 +1,4 @@
-"""Training proposal sampling (SPEC 4), vectorized over the batch, with no host sync.
+"""Training proposal sampling (algorithm.md 4), vectorized over the batch, with no host sync.
 
 For each part, every output cell is scored by the part target heatmap times the largest of
 that part's offset weights; each image keeps its top m cells per part, with
@@ -78,7 +78,7 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
 def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
                      num_keypoints: int, max_per_part: int = 40, empty_cells: bool = True
                      ) -> Proposals:
-    """Sample the training proposals of a batch (SPEC 4) from its targets.
+    """Sample the training proposals of a batch (algorithm.md 4) from its targets.
 
     Args:
         part_heatmaps: (B, P, h, w) part target heatmaps.

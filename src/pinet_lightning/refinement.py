@@ -1,4 +1,4 @@
-"""Pose Refinement (PR, SPEC 3): a graph network over the K keypoints of each proposal.
+"""Pose Refinement (PR, algorithm.md 3): a graph network over the K keypoints of each proposal.
 
 Node features are the backbone features sampled bilinearly at the proposal's K coarse
 keypoints; the graph is the layout skeleton plus self loops, symmetrically normalized and
@@ -15,7 +15,7 @@ statistics sum the rows in another order).
 
 Batch norm layout: node features are normalized as K*N rows of C channels (BatchNorm1d(C));
 the readout normalizes N rows. With a ``valid`` mask (training proposals beyond the count m
-of SPEC 4), only valid proposals enter the batch statistics; invalid rows
+of algorithm.md 4), only valid proposals enter the batch statistics; invalid rows
 are normalized with those statistics and their loss is masked by the caller. When fewer than
 two rows are valid (e.g. N = 1 in training), the running statistics are used and not updated.
 """
@@ -189,7 +189,7 @@ class GraphBlock(nn.Module):
         self.linear = nn.Linear(in_channels, out_channels, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.norm = MaskedBatchNorm1d(out_channels)
-        # The published graph convolution's start (SPEC 3): W Xavier-uniform with gain 1.414
+        # The published graph convolution's start (algorithm.md 3): W Xavier-uniform with gain 1.414
         # (symmetric in fan-in and fan-out, so stored (out, in) it is the same law), b uniform
         # in +-1/sqrt(out features).
         nn.init.xavier_uniform_(self.linear.weight, gain=1.414)
@@ -220,7 +220,7 @@ class ResidualGraphBlock(nn.Module):
 
 
 class PoseRefinement(nn.Module):
-    """PR graph network (SPEC 3), batched over all proposals of all images.
+    """PR graph network (algorithm.md 3), batched over all proposals of all images.
 
     Args:
         in_channels: C of the backbone features (480 for HRNet-W32).

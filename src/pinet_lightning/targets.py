@@ -1,7 +1,7 @@
-"""PINet training targets (SPEC section 2): the codec the data loader workers run per sample.
+"""PINet training targets (algorithm.md 2): the codec the data loader workers run per sample.
 
 Everything is in output cells after augmentation, with the pixel-center convention of
-docs/architecture.md (cell ``(i, j)`` sits at coordinate ``(i, j)``). Choices the SPEC leaves
+docs/architecture.md (cell ``(i, j)`` sits at coordinate ``(i, j)``). Choices the paper leaves
 open, fixed here and tested in tests/test_targets.py:
 
 - A keypoint counts when ``v > 0`` and it lies inside the map, ``0 <= x < W`` and
@@ -12,7 +12,7 @@ open, fixed here and tested in tests/test_targets.py:
   clipped to the map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))``
   at the exact sub-cell point; people combine by maximum. The loss mask is 1 on the union of
   windows.
-- Part center (default, SPEC 2.2 and the published code): mean of the part's keypoints with
+- Part center (default, algorithm.md 2.2 and the published code): mean of the part's keypoints with
   ``v > 0``, in the map or not. As the published generators: it writes offsets when
   ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map, and its Gaussian
   only when ``0 <= cx < W`` and ``0 <= cy < H``; so a center at ``x = -0.2`` claims the
@@ -23,7 +23,7 @@ open, fixed here and tested in tests/test_targets.py:
   writes nothing although some of its keypoints are visible) or sit far from what the
   network sees; the mean of in-map points is always in the map.
 - Offsets: for a center ``(cx, cy)`` the cells ``int(cx) - r <= i < int(cx) + r``,
-  ``int(cy) - r <= j < int(cy) + r`` (``int`` truncates toward zero, SPEC 2.4), clipped.
+  ``int(cy) - r <= j < int(cy) + r`` (``int`` truncates toward zero, algorithm.md 2.4), clipped.
   Where several people claim one cell and channel the smaller box area keeps it; equal
   areas go to the lower person index (deterministic, independent of numpy's write order).
 - Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
@@ -261,7 +261,7 @@ def encode_targets(
     window_margin: float = 2.0,
     heatmaps_format: str = "dense",
 ) -> dict[str, np.ndarray]:
-    """Build PINet's training targets for one sample (SPEC 2).
+    """Build PINet's training targets for one sample (algorithm.md 2).
 
     Args:
         keypoints: (N, K, 3) ``(x, y, v)`` in output cells.
@@ -275,7 +275,7 @@ def encode_targets(
         ignore_mask: (H, W), 0 where the heatmap losses ignore the image (crowd regions).
         min_part_area: people with a smaller box area get no part centers (COCO: 32**2).
         part_center_in_map: centers from in-map keypoints only (see the module docstring;
-            False, the SPEC: every ``v > 0`` keypoint of the part).
+            False, algorithm.md 2.2: every ``v > 0`` keypoint of the part).
         offsets_format: ``"dense"`` (the contract) or ``"omega"``: instead of ``offsets``
             and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
             ascending into the flattened (P*K, H, W) (channel pair ``p * K + k``, row,
@@ -283,8 +283,8 @@ def encode_targets(
             float32 (sizes: scripts/bench_loader.py); :func:`densify_offsets` rebuilds the
             dense pair.
         window_sigmas, window_margin: the Gaussian windows hold the cells strictly closer
-            than ``window_sigmas * sigma + window_margin`` on each axis (SPEC: about 3 sigma;
-            the published generator: 3 sigma + 2 cells).
+            than ``window_sigmas * sigma + window_margin`` on each axis (algorithm.md 2.1: the
+            published generator's 3 sigma + 2 cells).
         heatmaps_format: ``"dense"`` (the contract) or ``"windows"``: instead of the four
             heatmap keys, one Gaussian window per counting keypoint and drawn part center:
             ``window_channel`` (M,) int32 (keypoint k, or K + part), ``window_first`` (M, 2)
@@ -383,7 +383,7 @@ def _offset_claims(
     rank = np.lexsort((cn, ar[cn]))
     cn, cp, center_xy = cn[rank], cp[rank], center_xy[rank]
     side = np.arange(2 * radius)
-    corner = np.trunc(center_xy).astype(np.int64) - radius  # (C, 2), int() of the SPEC
+    corner = np.trunc(center_xy).astype(np.int64) - radius  # (C, 2), int() of algorithm.md 2.4
     ci = corner[:, 0:1] + side  # (C, 2r) cell columns
     cj = corner[:, 1:2] + side  # (C, 2r) cell rows
     claim = (
