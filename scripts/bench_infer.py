@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pinet_lightning.augmentation import inference_resize
 from pinet_lightning.decoding import DecodeConfig, cells_to_image, decode_outputs, fuse_batch
-from pinet_lightning.model import PINet
+from pinet_lightning.network import PINet
 from pinet_lightning.predictor import Predictor
 
 

@@ -142,7 +142,7 @@ def main() -> None:
                                  train={"images": Path(tmp) / "images", "annotations": annotations},
                                  input_size=512, batch_size=args.batch_size, num_workers=0,
                                  pin_memory=cuda, persistent_workers=False,
-                                 sparse_targets=sparse)  # fmt: skip
+                                 sparse_targets=sparse)
             dm.setup("fit")
             modules[name] = dm
 

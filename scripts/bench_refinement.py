@@ -6,6 +6,10 @@ Times, in train mode with a validity mask (as the training step calls it):
    (N, K, C) (a batched product of N small matrices) vs node-major ``mm(A, X.view(K, N*C))``;
 2. the whole PR forward + backward (feature sampling, graph blocks, readout).
 
+The node-major layout was chosen on these timings: with the proposal-major product, PR's
+forward + backward was about 2x slower on CPU (commit bbceb32; README, Benchmarks, for the
+current figures).
+
 With ``--reference FILE`` (e.g. an older ``refinement.py``) the same weights are loaded into
 both versions, which are timed alternately; the script prints both timings and the largest
 differences of outputs, batch norm statistics and gradients. Gradient differences of ~1e-4

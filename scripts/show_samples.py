@@ -31,13 +31,13 @@ def draw_people(image: np.ndarray, keypoints: np.ndarray, layout: Layout) -> np.
     """Skeleton lines coloured by side, keypoints coloured by visibility (RGB image)."""
     out = image.copy()
     side = [LEFT if n.startswith("left") else RIGHT if n.startswith("right") else MID
-            for n in layout.names]  # fmt: skip
+            for n in layout.names]
     for kp in keypoints:
         for a, b in layout.skeleton:
             if kp[a, 2] > 0 and kp[b, 2] > 0:
                 colour = side[a] if side[a] == side[b] else MID
                 cv2.line(out, tuple(int(v) for v in kp[a, :2]), tuple(int(v) for v in kp[b, :2]),
-                         colour, 2, cv2.LINE_AA)  # fmt: skip
+                         colour, 2, cv2.LINE_AA)
         for x, y, v in kp:
             if v > 0:
                 cv2.circle(out, (int(x), int(y)), 3, (0, 255, 0) if v == 2 else (255, 0, 0), -1)
@@ -56,9 +56,9 @@ def main() -> None:
     torch.set_num_threads(2)
 
     ann = generate_synthetic_crowd(args.data, num_images=args.num, image_size=args.size,
-                                   layout=args.layout, seed=args.seed)  # fmt: skip
+                                   layout=args.layout, seed=args.seed)
     ds = CocoKeypointDataset(Path(args.data) / "images", ann, layout=args.layout, train=True,
-                             input_size=args.size)  # fmt: skip
+                             input_size=args.size)
     ds.augment.reseed(args.seed)
     raw_row, aug_row = [], []
     for i in range(min(args.num, len(ds))):

@@ -71,7 +71,7 @@ def _centroid(img, x, y, r=4):
 def test_flip_mirrors_x_and_swaps_by_flip_order():
     s = 64
     aug = TrainAugmentation(FLIP, input_size=s, max_rotation=0, min_scale=1, max_scale=1,
-                            max_translate=0, flip_prob=1.0, seed=0)  # fmt: skip
+                            max_translate=0, flip_prob=1.0, seed=0)
     img = np.random.default_rng(1).integers(0, 255, (s, s, 3), dtype=np.uint8)
     kps = np.array([[[10.0, 20.0, 2], [50.0, 21.0, 1], [30.0, 5.0, 2]]])
     out = aug(img, kps)
@@ -85,7 +85,7 @@ def test_flip_mirrors_x_and_swaps_by_flip_order():
 
 def test_no_flip_keeps_order():
     aug = TrainAugmentation(FLIP, input_size=64, max_rotation=0, min_scale=1, max_scale=1,
-                            max_translate=0, flip_prob=0.0, seed=0)  # fmt: skip
+                            max_translate=0, flip_prob=0.0, seed=0)
     kps = np.array([[[10.0, 20.0, 2], [50.0, 21.0, 1], [30.0, 5.0, 2]]])
     out = aug(np.zeros((64, 64, 3), np.uint8), kps)
     assert not out["flipped"]
@@ -96,7 +96,7 @@ def test_keypoints_follow_a_forced_scale_and_rotation():
     s, scale = 96, 1.25  # a crop of 0.8 short sides: magnification 1.25
     aug = TrainAugmentation(FLIP, input_size=s, max_rotation=30, min_scale=1 / scale,
                             max_scale=1 / scale, max_translate=0, flip_prob=0.0,
-                            ignore_padding=False, seed=3)  # fmt: skip
+                            ignore_padding=False, seed=3)
     pts = [(40.0, 30.0), (60.0, 55.0), (45.0, 70.0)]
     img = _dots(s, pts)
     kps = np.array([[[x, y, 2] for x, y in pts]])
@@ -127,7 +127,7 @@ def test_keypoints_follow_a_forced_scale_and_rotation():
 
 def test_short_side_fit_translation_and_out_of_crop_points_kept():
     aug = TrainAugmentation(FLIP, input_size=64, max_rotation=0, min_scale=1, max_scale=1,
-                            max_translate=0.1, flip_prob=0.0, seed=0)  # fmt: skip
+                            max_translate=0.1, flip_prob=0.0, seed=0)
     img = np.zeros((100, 300, 3), np.uint8)
     kps = np.array([[[150.0, 50.0, 2], [5.0, 50.0, 2], [295.0, 10.0, 1]]])
     out = aug(img, kps)

@@ -40,7 +40,7 @@ def test_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
 
     with pytest.raises(CheckpointError, match="trust_checkpoint"):
         Predictor.from_checkpoint(path, device="cpu")
-    from pinet_lightning.model import load_model
+    from pinet_lightning.network import load_model
 
     with pytest.raises(CheckpointError, match="trust_checkpoint"):
         load_model(path)

@@ -1,5 +1,5 @@
-"""The Hydra config tree composes for every option, carries the SPEC defaults, and its
-``_target_`` nodes instantiate."""
+"""The Hydra config tree composes for every option, carries the defaults of docs/algorithm.md,
+and its ``_target_`` nodes instantiate."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_default_train_config_is_the_synthetic_main_job(tmp_path):
 
 
 def test_spec_defaults(tmp_path):
-    """SPEC constants are fields with their SPEC values (the w32 recipe, base data)."""
+    """The constants of docs/algorithm.md are fields with its values (the w32 recipe, base data)."""
     cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
     t = cfg.data.targets
     assert (t.sigma, t.radius, t.bg_weight, t.min_part_area) == (2.0, 2, 0.1, 0.0)
@@ -257,7 +257,7 @@ def test_decode_group_matches_decode_config(tmp_path):
 
     cfg = _compose("predict", ["ckpt_path=x.ckpt", "input=y"], tmp_path)
     decode = DecodeConfig.from_any(OmegaConf.to_container(cfg.decode))
-    assert decode == DecodeConfig()  # the yaml holds exactly the SPEC defaults
+    assert decode == DecodeConfig()  # the yaml holds exactly DecodeConfig's defaults
 
 
 def test_eval_and_predict_configs(tmp_path):

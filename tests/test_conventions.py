@@ -13,7 +13,7 @@ from pinet_lightning.conventions import get_convention
 from pinet_lightning.decoding import fuse_batch
 from pinet_lightning.fusion import pose_fusion
 from pinet_lightning.layouts import get_layout
-from pinet_lightning.model import IMAGENET_MEAN
+from pinet_lightning.network import IMAGENET_MEAN
 
 OURS, PUBLISHED = get_convention("cell_center"), get_convention("published")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pinet_lightning.conventions import CellCenter, Published, get_convention
-from pinet_lightning.model import IMAGENET_MEAN
+from pinet_lightning.network import IMAGENET_MEAN
 
 OURS, PUBLISHED = get_convention("cell_center"), get_convention("published")
 

@@ -14,7 +14,7 @@ import torch
 
 from pinet_lightning.checkpoints import CheckpointError, load_network
 from pinet_lightning.convert import convert_published, main, map_published_key
-from pinet_lightning.model import load_model
+from pinet_lightning.network import load_model
 
 DATA = Path(__file__).parent / "data"
 

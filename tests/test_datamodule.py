@@ -11,10 +11,10 @@ from pinet_lightning.datamodule import PINetDataModule, eval_collate, train_coll
 
 def _dm(root, workers=0, **kw):
     synthetic = {"root": str(root), "num_train": 4, "num_val": 2, "image_size": 96,
-                 "min_people": 2, "max_people": 3, "overlap": 0.5, "seed": 0}  # fmt: skip
+                 "min_people": 2, "max_people": 3, "overlap": 0.5, "seed": 0}
     synthetic.update(kw.pop("synthetic", {}))
     return PINetDataModule(synthetic=synthetic, input_size=64, batch_size=2, num_workers=workers,
-                           pin_memory=False, **kw)  # fmt: skip
+                           pin_memory=False, **kw)
 
 
 def test_prepare_data_caches_and_regenerates_on_change(tmp_path):
@@ -79,7 +79,7 @@ def test_eval_batch_of_equal_sizes_and_mixed_sizes_error(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     assert tuple(batch["image"].shape) == (2, 3, 64, 64) and len(batch["image_id"]) == 2
     a = {"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "back_transform": torch.eye(2, 3),
-         "image_id": 1, "orig_size": (64, 64)}  # fmt: skip
+         "image_id": 1, "orig_size": (64, 64)}
     b = {**a, "image": torch.zeros(3, 64, 128, dtype=torch.uint8), "image_id": 2}
     with pytest.raises(ValueError, match="eval_batch_size=1"):
         eval_collate([a, b])

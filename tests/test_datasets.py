@@ -14,7 +14,7 @@ from pinet_lightning.datasets import CocoKeypointDataset, dataset_paths
 from pinet_lightning.layouts import get_layout
 
 IDENTITY = {"max_rotation": 0, "min_scale": 1, "max_scale": 1, "max_translate": 0,
-            "flip_prob": 0.0}  # fmt: skip
+            "flip_prob": 0.0}
 K = 14
 
 
@@ -23,7 +23,7 @@ def _person(x, y, image_id=1, ann_id=1):
     kp[:, 0], kp[:, 1], kp[:, 2] = x + np.arange(K), y + np.arange(K), 2
     return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
             "keypoints": kp.reshape(-1).tolist(), "num_keypoints": K,
-            "bbox": [x, y, K, K], "area": float(K * K)}  # fmt: skip
+            "bbox": [x, y, K, K], "area": float(K * K)}
 
 
 def _write(tmp_path: Path, annotations, images=None, size=64, k=K) -> tuple[Path, Path]:
@@ -32,11 +32,11 @@ def _write(tmp_path: Path, annotations, images=None, size=64, k=K) -> tuple[Path
     images = images or [{"id": 1, "file_name": "a.jpg", "height": size, "width": size}]
     for im in images:
         cv2.imwrite(str(img_dir / im["file_name"]), np.full((im["height"], im["width"], 3), 90,
-                                                            np.uint8))  # fmt: skip
+                                                            np.uint8))
     cat = {"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(k)], "skeleton": []}
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": images, "annotations": annotations,
-                               "categories": [cat]}))  # fmt: skip
+                               "categories": [cat]}))
     return img_dir, ann
 
 
@@ -57,7 +57,7 @@ def test_wrong_keypoint_count_names_file_and_fix(tmp_path):
 
 def test_unreadable_and_missing_image_raise(tmp_path):
     images = [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 64},
-              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]  # fmt: skip
+              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]
     img_dir, ann = _write(tmp_path, [_person(5, 5), _person(5, 5, image_id=2, ann_id=2)], images)
     (img_dir / "a.jpg").write_bytes(b"not a jpeg")
     ds = CocoKeypointDataset(img_dir, ann, train=False, input_size=64)
@@ -71,12 +71,12 @@ def test_unreadable_and_missing_image_raise(tmp_path):
 def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
     crowd = {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 3 * K,
              "num_keypoints": 0, "bbox": [40, 0, 24, 16],
-             "segmentation": [[40, 0, 63, 0, 63, 15, 40, 15]]}  # fmt: skip
+             "segmentation": [[40, 0, 63, 0, 63, 15, 40, 15]]}
     empty = {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": [0] * 3 * K,
-             "num_keypoints": 0, "bbox": [0, 48, 16, 16]}  # no segmentation: its box  # fmt: skip
+             "num_keypoints": 0, "bbox": [0, 48, 16, 16]}  # no segmentation: its box
     img_dir, ann = _write(tmp_path, [_person(8, 8), crowd, empty])
     ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             ignore_regions=True)  # COCO's choice  # fmt: skip
+                             ignore_regions=True)  # COCO's choice
     _, info, anns = ds.load(0)
     kps, boxes, mask = ds.people(anns, 64, 64)
     # the empty non-crowd annotation is a person (no keypoints: no targets), the crowd not
@@ -104,10 +104,10 @@ def test_crowdpose_head_and_neck_only_people_are_trained_on(tmp_path):
     kp[13] = [40.0, 38.0, 1]
     head_only = {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0,
                  "keypoints": kp.reshape(-1).tolist(), "num_keypoints": 0,
-                 "bbox": [30, 24, 20, 24]}  # fmt: skip
+                 "bbox": [30, 24, 20, 24]}
     img_dir, ann = _write(tmp_path, [_person(4, 4), head_only])
     ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             targets={"sigma": 1.0})  # fmt: skip
+                             targets={"sigma": 1.0})
     kps, _, mask = ds.people(ds.load(0)[2], 64, 64)
     assert len(kps) == 2 and mask.min() == 1
     s = ds[0]
@@ -123,7 +123,7 @@ def test_padding_is_ignored_by_the_heatmap_loss(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(20, 20)])
     zoom_out = {**IDENTITY, "min_scale": 2.0, "max_scale": 2.0}  # image = central half
     s = CocoKeypointDataset(img_dir, ann, train=True, input_size=64,
-                            augmentation=zoom_out)[0]  # fmt: skip
+                            augmentation=zoom_out)[0]
     # 16 x 16 output cells; the image covers the central 8 x 8, the rest is padding
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[4:12, 4:12] = True
@@ -141,12 +141,12 @@ def test_image_filters(tmp_path):
     def labelled(n, image_id, ann_id):
         a = _person(5, 5, image_id=image_id, ann_id=ann_id)
         a["keypoints"] = [v if i % 3 < 2 or i // 3 < n else 0 for i, v in
-                          enumerate(a["keypoints"])]  # fmt: skip
+                          enumerate(a["keypoints"])]
         a["num_keypoints"] = 0  # ignored: the v flags count
         return a
 
     crowd = {"id": 9, "image_id": 3, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 3 * K,
-             "num_keypoints": 0, "bbox": [0, 0, 8, 8]}  # fmt: skip
+             "num_keypoints": 0, "bbox": [0, 0, 8, 8]}
     anns = [labelled(10, 1, 1), labelled(6, 2, 2), labelled(6, 2, 3), crowd]  # image 4: none
     img_dir, ann = _write(tmp_path, anns, images)
     # CrowdPose / OCHuman: every image with at least one annotation, even a crowd region
@@ -159,13 +159,13 @@ def test_image_filters(tmp_path):
 def test_train_sample_shapes_and_keypoint_cells(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(9.5, 9.5)])
     ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, output_stride=4,
-                             augmentation=IDENTITY, targets={"sigma": 1.0})  # fmt: skip
+                             augmentation=IDENTITY, targets={"sigma": 1.0})
     s = ds[0]
     layout = get_layout("crowdpose")
     p = layout.num_parts
     shapes = {"image": (3, 64, 64), "heatmaps": (K, 16, 16), "heatmap_mask": (K, 16, 16),
               "part_heatmaps": (p, 16, 16), "part_mask": (p, 16, 16),
-              "offsets": (p * K * 2, 16, 16), "offset_weights": (p * K * 2, 16, 16)}  # fmt: skip
+              "offsets": (p * K * 2, 16, 16), "offset_weights": (p * K * 2, 16, 16)}
     assert {k: tuple(v.shape) for k, v in s.items()} == shapes
     assert s["image"].dtype == torch.uint8
     assert all(s[k].dtype == torch.float32 for k in shapes if k != "image")
@@ -177,7 +177,7 @@ def test_train_sample_shapes_and_keypoint_cells(tmp_path):
 
 def test_train_mode_skips_images_without_people(tmp_path, caplog):
     images = [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 64},
-              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]  # fmt: skip
+              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]
     img_dir, ann = _write(tmp_path, [_person(5, 5, image_id=2)], images)
     with caplog.at_level("INFO", logger="pinet_lightning.datasets"):
         train = CocoKeypointDataset(img_dir, ann, train=True, input_size=64)

@@ -1,7 +1,7 @@
 """Decoding at its edges: peaks exactly at the score threshold, kernel sizes exactly at the
-map-size limits, the SPEC defaults, multi-scale scoring on known ramps, the settings that
-reach each step (config, the network's layout, stride and convention, the caller's
-autocast) and the error messages."""
+map-size limits, the defaults of algorithm.md 5, multi-scale scoring on known ramps, the
+settings that reach each step (config, the network's layout, stride and convention, the
+caller's autocast) and the error messages."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_decode_config_defaults_are_the_spec():
 
 
 def test_kernel_size_exactly_at_the_limits():
-    """Over 300 -> 7, over 200 -> 5, else 3 (SPEC 5.3: strictly over)."""
+    """Over 300 -> 7, over 200 -> 5, else 3 (algorithm.md 5.3: strictly over)."""
     assert nms_kernel_size(200, 200) == 3
     assert nms_kernel_size(200, 201) == 5  # mean 200.5
     assert nms_kernel_size(300, 300) == 5
@@ -47,7 +47,7 @@ def test_kernel_size_exactly_at_the_limits():
 def test_peak_exactly_at_the_threshold_is_dropped(threshold):
     maps = torch.zeros(1, 1, 9, 9)
     at = torch.tensor(threshold, dtype=torch.float32)
-    maps[0, 0, 1, 1] = at  # scores <= threshold are dropped (SPEC 5.3)
+    maps[0, 0, 1, 1] = at  # scores <= threshold are dropped (algorithm.md 5.3)
     maps[0, 0, 5, 5] = torch.nextafter(at, torch.tensor(1.0))
     maps[0, 0, 7, 2] = 0.9
     scores, index, valid = find_peaks(maps, top_k=3, score_threshold=threshold)

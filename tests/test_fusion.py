@@ -31,7 +31,7 @@ def _ref_oks(ref: np.ndarray, other: np.ndarray, sigmas: np.ndarray) -> float:
 
 
 def _ref_fusion(poses, scores, sigmas, thr):
-    """The greedy definition of SPEC 5.7, one pose at a time."""
+    """The greedy definition of algorithm.md 5.7, one pose at a time."""
     m, k = poses.shape[:2]
     order = sorted(range(m), key=lambda i: (-scores[i], i))
     used = [False] * m

@@ -1,4 +1,4 @@
-"""PPG heads and the Pose Refinement graph network (SPEC 3)."""
+"""PPG heads and the Pose Refinement graph network (algorithm.md 3)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_refinement_empty_and_single_proposal():
     corr = pr(feats, poses, cells, batch_index)  # BN with one row: running statistics
     assert corr.shape == (1, 14, 2) and torch.isfinite(corr).all()
     assert torch.equal(pr.readout_norm.running_mean, running)
-    with pytest.raises(ValueError, match="refinement.py"):
+    with pytest.raises(ValueError, match=r"poses must be \(N, 14, 2\), got"):
         pr(feats, poses[:, :5], cells, batch_index)
 
 
@@ -171,7 +171,7 @@ def test_masked_batch_norm_gradients(num_valid):
 
 
 def test_refinement_matches_proposal_major_reference():
-    """PR keeps node features node-major (K, N, C); check it against SPEC 3 written directly
+    """PR keeps node features node-major (K, N, C); check it against algorithm.md 3 written directly
     in the proposal-major layout (N, K, C), eval mode, non-trivial running statistics."""
     torch.manual_seed(0)
     pr = PoseRefinement(C, "crowdpose", num_layers=2).eval()

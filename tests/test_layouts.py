@@ -1,4 +1,4 @@
-"""Keypoint layouts (SPEC 1): built-in values and layouts from config mappings."""
+"""Keypoint layouts (algorithm.md 1): built-in values and layouts from config mappings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pinet_lightning.layouts import Layout, available_layouts, get_layout, regis
 
 # SPEC 1 sigmas, written x10
 COCO_SIGMAS_X10 = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07,
-                   .87, .87, .89, .89]  # fmt: skip
+                   .87, .87, .89, .89]
 CROWDPOSE_SIGMAS_X10 = [.79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89, .79, .79]
 
 
@@ -41,7 +41,6 @@ def test_builtin_values(name, k, flip, sigmas_x10, parts):
     assert layout.num_keypoints == k == len(layout.names) == len(set(layout.names))
     assert list(layout.flip_index) == flip
     np.testing.assert_allclose(layout.sigmas, np.asarray(sigmas_x10) / 10, rtol=0, atol=1e-12)
-    assert layout.sigma_array.dtype == np.float32 and layout.sigma_array.shape == (k,)
     assert [list(p) for p in layout.parts] == parts
     assert layout.num_parts == 3 and layout.part_names == ("head", "body", "legs")
 

@@ -1,4 +1,4 @@
-"""Heatmap, offset and refine losses, and the PINet total (SPEC 4)."""
+"""Heatmap, offset and refine losses, and the PINet total (algorithm.md 4)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_heatmap_loss_value_and_mask():
     # Mean over K + P channels together of the mask (the error is 1 on keypoint channels).
     total = targets["heatmap_mask"].sum() / (B * (K + P) * H * W)
     assert torch.isclose(loss, total)
-    with pytest.raises(ValueError, match="losses.py"):
+    with pytest.raises(ValueError, match=r"heatmap predictions \(2, 4, 8, 8\) do not match"):
         HeatmapLoss()(pred_h[:, :2], pred_p, targets)
 
 

@@ -100,7 +100,7 @@ def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
 def test_offset_loss_shape_errors_name_the_shapes():
     from pinet_lightning.losses import OffsetLoss
 
-    with pytest.raises(ValueError, match=r"losses.py: offsets \(1, 4, 2, 2\), targets "
+    with pytest.raises(ValueError, match=r"offsets \(1, 4, 2, 2\), targets "
                                          r"\(1, 4, 2, 3\) and weights \(1, 4, 2, 2\) differ"):
         OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match=r"and weights \(1, 4, 2, 3\) differ"):

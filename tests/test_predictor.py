@@ -16,7 +16,7 @@ KEEP_ALL = {"score_threshold": -1.0, "top_k": 5}
 @pytest.fixture(scope="module")
 def small_net():
     pytest.importorskip("timm")
-    from pinet_lightning.model import PINet
+    from pinet_lightning.network import PINet
 
     torch.manual_seed(0)
     return PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1).eval()
@@ -75,7 +75,7 @@ def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
 
 
 def test_from_checkpoint_save_model_file(small_net, image, tmp_path):
-    from pinet_lightning.model import save_model
+    from pinet_lightning.network import save_model
 
     path = tmp_path / "pinet.pt"
     save_model(path, small_net, extra={"decode": {"flip_test": False}})
@@ -104,7 +104,7 @@ def test_from_checkpoint_lightning(small_net, image, tmp_path):
 
 
 def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
-    from pinet_lightning.model import save_model
+    from pinet_lightning.network import save_model
 
     path = tmp_path / "with_size.pt"
     save_model(path, small_net, extra={"input_size": 128})

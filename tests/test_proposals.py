@@ -1,4 +1,4 @@
-"""Training proposal sampling (SPEC 4) on hand-built batches."""
+"""Training proposal sampling (algorithm.md 4) on hand-built batches."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_image_without_part_gives_the_cap_to_every_image():
         assert valid.shape == (40,) and bool(valid.all())
     first = (props.batch_index == 0) & (props.part_index == 0)
     assert [tuple(c) for c in props.cells[first][:2].tolist()] == [(1, 1), (2, 2)]
-    assert props.scores[first][2:].eq(0).all()
+    rest = props.cells[first][2:]
+    assert proposal_scores(ph, w, K)[0, 0, rest[:, 1], rest[:, 0]].eq(0).all()
     # The other choice counts only positive cells: image 0 keeps 2, image 1 none.
     props = sample_proposals(ph, w, K, max_per_part=40, empty_cells=False)
     assert _valid_cells(props, 0, 0) == {(1, 1), (2, 2)}

@@ -15,11 +15,11 @@ def test_default_proposal_cap_is_40_and_shape_errors():
     weights[:, :, :6, :] = 0.5
     props = sample_proposals(part, weights, 2)
     assert len(props) == 40 and bool(props.valid.all())
-    with pytest.raises(ValueError, match=r"proposals.py: offset_weights \(1, 5, 8, 8\) should "
+    with pytest.raises(ValueError, match=r"offset_weights \(1, 5, 8, 8\) should "
                                          r"be \(B, P\*K\*2, h, w\) = \(1, 4, 8, 8\) for part "
                                          r"heatmaps \(1, 1, 8, 8\) and K = 2"):
         sample_proposals(part, torch.zeros(1, 5, 8, 8), 2)
-    with pytest.raises(ValueError, match=r"proposals.py: 6 offset channels are not P \* K \* 2 "
+    with pytest.raises(ValueError, match=r"6 offset channels are not P \* K \* 2 "
                                          r"for K = 2"):
         gather_at_cells(torch.zeros(1, 6, 4, 4), torch.zeros(1, 2), torch.zeros(1).long(),
                         torch.zeros(1).long(), 2)

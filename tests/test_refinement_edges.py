@@ -1,4 +1,4 @@
-"""Pose Refinement's construction by hand: the published initialization laws (SPEC 3), the
+"""Pose Refinement's construction by hand: the published initialization laws (algorithm.md 3), the
 graph conv's single bias, the defaults (3 residual blocks, the cell_center convention), the
 adjacency's dtype and shape checks."""
 
@@ -45,7 +45,7 @@ def test_adjacency_parameter_is_float32_and_checked():
     for layout in ("coco", a, torch.from_numpy(a)):
         assert PoseRefinement(4, layout).adjacency.dtype == torch.float32
     for bad in (np.zeros((3, 4)), np.zeros((2, 3, 3)), np.zeros(3)):
-        with pytest.raises(ValueError, match=r"refinement.py: adjacency must be \(K, K\), got"):
+        with pytest.raises(ValueError, match=r"adjacency must be \(K, K\), got"):
             PoseRefinement(4, bad)
 
 

@@ -178,7 +178,7 @@ def test_keypoint_count_hint_names_the_working_override(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained HRNet-W18-small PINet saved as model.pt (input size 64)."""
-    from pinet_lightning.model import PINet, save_model
+    from pinet_lightning.network import PINet, save_model
 
     torch.manual_seed(0)
     net = PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1)

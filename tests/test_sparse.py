@@ -9,6 +9,7 @@ import torch
 
 from pinet_lightning.datamodule import PINetDataModule, train_collate
 from pinet_lightning.losses import PINetLoss
+from pinet_lightning.proposals import proposal_scores
 from pinet_lightning.targets import (
     TARGET_KEYS,
     OmegaBatch,
@@ -163,7 +164,7 @@ def test_sparse_losses_and_proposals_equal_dense(empty_cells):
         torch.testing.assert_close(s_loss[key], d_loss[key], rtol=1e-6, atol=0)
     assert torch.equal(s_loss["heatmap"], d_loss["heatmap"])
     assert torch.equal(s_loss["refine"], d_loss["refine"])
-    for attr in ("cells", "batch_index", "part_index", "valid", "scores"):
+    for attr in ("cells", "batch_index", "part_index", "valid"):
         assert torch.equal(getattr(s_props["proposals"], attr),
                            getattr(d_props["proposals"], attr)), attr
     for key in ("coarse", "target", "weights"):
@@ -174,13 +175,17 @@ def test_sparse_losses_and_proposals_equal_dense(empty_cells):
     props, weights = d_props["proposals"], d_props["weights"]
     assert (weights > 0).any() and (weights[props.valid] == 0).any()
     if not empty_cells:  # only positive-score cells are valid then
-        assert (~props.valid).any() and (props.scores[props.valid] > 0).all()
+        score = proposal_scores(dense_batch["part_heatmaps"], dense_batch["offset_weights"], K)
+        cells = props.cells[props.valid]
+        at = score[props.batch_index[props.valid], props.part_index[props.valid], cells[:, 1],
+                   cells[:, 0]]
+        assert (~props.valid).any() and (at > 0).all()
 
 
 def test_dataset_pipeline_dense_and_sparse_give_the_same_losses(tmp_path):
     """The data module's two settings of data.sparse_targets on the same augmented samples."""
     synthetic = {"root": str(tmp_path), "num_train": 4, "num_val": 1, "image_size": 128,
-                 "min_people": 4, "max_people": 6, "overlap": 0.7, "seed": 3}  # fmt: skip
+                 "min_people": 4, "max_people": 6, "overlap": 0.7, "seed": 3}
     batches = {}
     for sparse in (False, True):
         dm = PINetDataModule(synthetic=synthetic, input_size=128, batch_size=4, num_workers=0,

@@ -62,7 +62,7 @@ def test_json_is_valid_coco(tmp_path, layout, k):
 
 def test_unknown_joint_names_raise(tmp_path):
     layout = {"name": "odd", "names": ["tail", "nose"], "flip_index": [0, 1],
-              "sigmas": [0.1, 0.1], "parts": [[0, 1]]}  # fmt: skip
+              "sigmas": [0.1, 0.1], "parts": [[0, 1]]}
     with pytest.raises(ValueError, match="tail"):
         _gen(tmp_path, layout=layout)
 
@@ -116,7 +116,7 @@ def test_crowd_index_definition():
 def test_crowd_index_grows_with_overlap(tmp_path):
     def mean_ci(overlap):
         path = _gen(tmp_path / str(overlap), num_images=16, image_size=96, min_people=3,
-                    max_people=5, overlap=overlap)  # fmt: skip
+                    max_people=5, overlap=overlap)
         return np.mean([i["crowdIndex"] for i in json.loads(path.read_text())["images"]])
 
     low, high = mean_ci(0.0), mean_ci(1.0)

@@ -1,4 +1,4 @@
-"""Training targets (SPEC 2): hand-computed cases, a slow loop reference and the real
+"""Training targets (algorithm.md 2): hand-computed cases, a slow loop reference and the real
 CrowdPose validation annotations."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_shapes_dtypes_and_channel_order():
         "heatmaps": (3, 12, 16), "heatmap_mask": (3, 12, 16),
         "part_heatmaps": (2, 12, 16), "part_mask": (2, 12, 16),
         "offsets": (12, 12, 16), "offset_weights": (12, 12, 16),
-    }  # fmt: skip
+    }
     assert set(out) == set(TARGET_KEYS)
     for key, shape in expected.items():
         assert out[key].shape == shape, key
@@ -361,7 +361,7 @@ def test_omega_format_is_the_dense_targets_without_zeros():
 
 
 def _reference(kp, areas, layout, size, sigma, radius, bg, ignore, min_area, in_map):
-    """SPEC 2 with the module's documented choices, one person/keypoint/cell at a time."""
+    """algorithm.md 2 with the module's documented choices, one person/keypoint/cell at a time."""
     h, w = size
     k_num, p_num = layout.num_keypoints, layout.num_parts
     heat = np.zeros((k_num, h, w))
@@ -476,7 +476,7 @@ def test_crowdpose_val_most_crowded_images(crowdpose_val_json):
             "heatmaps": (14, 128, 128), "heatmap_mask": (14, 128, 128),
             "part_heatmaps": (3, 128, 128), "part_mask": (3, 128, 128),
             "offsets": (84, 128, 128), "offset_weights": (84, 128, 128),
-        }  # fmt: skip
+        }
         assert all(out[key].dtype == np.float32 for key in TARGET_KEYS)
         for key in ("heatmaps", "part_heatmaps"):
             assert out[key].min() >= 0 and out[key].max() <= 1

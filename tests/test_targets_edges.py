@@ -14,7 +14,7 @@ from pinet_lightning.targets import TARGET_KEYS, PINetTargetCodec, encode_target
 
 
 def _g2(dx: float, dy: float) -> float:
-    """The SPEC Gaussian at sigma 2: exp(-d^2 / 8)."""
+    """The Gaussian of algorithm.md 2.1 at sigma 2: exp(-d^2 / 8)."""
     return math.exp(-(dx * dx + dy * dy) / 8.0)
 
 

@@ -35,9 +35,9 @@ _EXPORTS: dict[str, str] = {
     "dataset_paths": "datasets",
     "PINetDataModule": "datamodule",
     # network
-    "PINet": "model",
-    "save_model": "model",
-    "load_model": "model",
+    "PINet": "network",
+    "save_model": "network",
+    "load_model": "network",
     "PINetLoss": "losses",
     "PINetModule": "module",
     # inference
@@ -112,8 +112,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from pinet_lightning.fusion import oks_matrix, oks_nms, pose_fusion
     from pinet_lightning.layouts import Layout, available_layouts, get_layout, register_layout
     from pinet_lightning.losses import PINetLoss
-    from pinet_lightning.model import PINet, load_model, save_model
     from pinet_lightning.module import PINetModule
+    from pinet_lightning.network import PINet, load_model, save_model
     from pinet_lightning.predictor import Person, Predictor, load_image
     from pinet_lightning.synthetic import generate_synthetic_crowd
     from pinet_lightning.targets import PINetTargetCodec, encode_targets

@@ -4,7 +4,7 @@ Pixel-center convention: pixel ``(i, j)`` has coordinate ``(i, j)``, so a horizo
 width-``W`` image maps ``x -> W - 1 - x`` (albumentations 2.x ``HorizontalFlip`` uses the same
 rule). The inference resize lives in :mod:`pinet_lightning.images` (importable from here too).
 
-* :class:`TrainAugmentation` (SPEC 6, the published ``RandomAffineTransform`` +
+* :class:`TrainAugmentation` (algorithm.md 6, the published ``RandomAffineTransform`` +
   ``RandomHorizontalFlip``): fit the short side to ``input_size`` (exact, by us; area
   averaging when shrinking), then an albumentations pipeline: :class:`SquareCropAffine`
   (the training crop as one ``Affine``) and ``HorizontalFlip``; when the flip fired,
@@ -43,7 +43,7 @@ def _apply_affine(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 
 class SquareCropAffine(A.Affine):
-    """albumentations ``Affine`` drawing PINet's training crop (SPEC 6).
+    """albumentations ``Affine`` drawing PINet's training crop (algorithm.md 6).
 
     A square of side ``short side x u``, ``u ~ U[min_scale, max_scale]``, centred on the
     image centre plus ``(dx, dy)`` crop sides, ``dx, dy ~ U[-max_translate, max_translate]``
@@ -93,7 +93,7 @@ class SquareCropAffine(A.Affine):
 
 
 class TrainAugmentation:
-    """SPEC training augmentation; every knob is a constructor argument (SPEC defaults).
+    """The training augmentation of algorithm.md 6; every knob is a constructor argument.
 
     Call with an RGB uint8 image (H, W, 3), keypoints (N, K, 3) in image pixels, optional
     ignore mask (H, W) (0 = ignore), optional boxes (N, 4) xywh and areas (N,). Returns a dict:
@@ -133,7 +133,7 @@ class TrainAugmentation:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if not 0.0 <= max_translate < 1.0:
             raise ValueError(
-                f"max_translate is a fraction of the crop side in [0, 1) (SPEC 6: 0.2, the "
+                f"max_translate is a fraction of the crop side in [0, 1) (algorithm.md 6: 0.2, the "
                 f"published MAX_TRANSLATE 40 in units of short side / 200), got {max_translate}")
         self.flip_index = np.asarray(flip_index, dtype=np.int64)
         self.input_size = int(input_size)

@@ -1,5 +1,5 @@
 """Backbone: a timm feature extractor whose stride >= 4 maps are upsampled to the stride-4
-map and concatenated (SPEC 3: HRNet-W32 -> 32 + 64 + 128 + 256 = 480 channels at S/4).
+map and concatenated (algorithm.md 3: HRNet-W32 -> 32 + 64 + 128 + 256 = 480 channels at S/4).
 
 HRNet uses its four raw branch outputs (``feature_location=""``), not timm's "incre"
 classification-head features. Any other timm model with ``features_only`` support works
@@ -47,7 +47,7 @@ class Backbone(nn.Module):
             path = Path(pretrained).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"backbone.py: pretrained weights file '{path}' not found. Pass the path "
+                    f"pretrained weights file '{path}' not found. Pass the path "
                     f"of a local ImageNet checkpoint of '{name}' (.pth or .safetensors, e.g. "
                     "saved from timm on a machine with internet), or pretrained=None for "
                     "random initialization; nothing is downloaded at run time.")
@@ -65,11 +65,11 @@ class Backbone(nn.Module):
         except RuntimeError as err:
             if pretrained is None:
                 raise
-            raise RuntimeError(f"backbone.py: could not load '{path}' into '{name}': {err}. "
+            raise RuntimeError(f"could not load '{path}' into '{name}': {err}. "
                                "Is it an ImageNet checkpoint of this exact model?") from err
         except Exception as err:
             if "Unknown model" in str(err) or isinstance(err, (KeyError, ValueError)):
-                raise ValueError(f"backbone.py: timm cannot build '{name}' as a feature "
+                raise ValueError(f"timm cannot build '{name}' as a feature "
                                  f"extractor ({err}); pick a timm model name such as "
                                  "hrnet_w32, hrnet_w18_small_v2 or resnet50") from err
             raise
@@ -79,7 +79,7 @@ class Backbone(nn.Module):
         keep = [i for i, r in enumerate(reductions) if r >= OUTPUT_STRIDE]
         if not keep or reductions[keep[0]] != OUTPUT_STRIDE:
             raise ValueError(
-                f"backbone.py: '{name}' has feature strides {reductions}; PINet needs a "
+                f"'{name}' has feature strides {reductions}; PINet needs a "
                 f"stride-{OUTPUT_STRIDE} map (its heads and targets are at input/4). Use a "
                 "backbone with stride-4 features (hrnet_*, resnet*, convnext_*, ...).")
         self.keep = keep
@@ -102,7 +102,7 @@ class Backbone(nn.Module):
         if result.missing_keys:
             shown = ", ".join(result.missing_keys[:8])
             raise RuntimeError(
-                f"backbone.py: '{path}' lacks {len(result.missing_keys)} weights of "
+                f"'{path}' lacks {len(result.missing_keys)} weights of "
                 f"'{self.name}' (e.g. {shown}); is it an ImageNet checkpoint of this model?")
         self.ignored_keys = list(result.unexpected_keys)
         log.info("loaded %s into %s (%d classification-head keys ignored)", path, self.name,

@@ -352,12 +352,12 @@ class RunOutput(pl.Callback):
 class ModelExport(RunOutput):
     """``<run dir>/checkpoints/model.pt``: the network of the reported checkpoint with what
     inference needs (decode settings, protocol, input size, the data module's settings) and
-    the metrics it reached (:func:`pinet_lightning.model.save_model`; loaded by
+    the metrics it reached (:func:`pinet_lightning.network.save_model`; loaded by
     :func:`pinet_lightning.load_model` and ``Predictor.from_checkpoint``)."""
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         from pinet_lightning.config import to_plain
-        from pinet_lightning.model import save_model
+        from pinet_lightning.network import save_model
 
         datamodule = getattr(trainer, "datamodule", None)
         metrics = {str(k): v for k, v in ((k, _scalar(v)) for k, v in

@@ -1,6 +1,6 @@
 """One loader for every file a PINet comes in, and nothing in a file ever runs.
 
-- ``model.pt`` written by :func:`pinet_lightning.model.save_model` (training saves one, and
+- ``model.pt`` written by :func:`pinet_lightning.network.save_model` (training saves one, and
   ``pinet-convert`` writes one from the published weights);
 - a Lightning ``.ckpt`` of :class:`~pinet_lightning.module.PINetModule`;
 - the published PINet's own weights (kennethwdk/PINet: a plain state dict, or its trainer's
@@ -71,7 +71,7 @@ class LoadedNetwork:
     """A network and what its file says about it.
 
     Attributes:
-        net: the :class:`~pinet_lightning.model.PINet`, in eval mode, on the CPU.
+        net: the :class:`~pinet_lightning.network.PINet`, in eval mode, on the CPU.
         kind: ``"model"`` (save_model), ``"lightning"`` or ``"published"`` (raw authors'
             weights).
         decode: the decoding settings the file records (may be empty).
@@ -95,7 +95,7 @@ def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
-    from pinet_lightning.model import PINet
+    from pinet_lightning.network import PINet
 
     hp = dict(blob["hyper_parameters"])
     network = dict(hp.get("network") or {})
@@ -123,7 +123,7 @@ def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetw
         FileNotFoundError, CheckpointError: naming the file and what to do.
     """
     from pinet_lightning.convert import is_published_state, published_network
-    from pinet_lightning.model import FORMAT, network_from_blob
+    from pinet_lightning.network import FORMAT, network_from_blob
 
     path = Path(path)
     blob = load_file(path, trust_checkpoint)

@@ -114,7 +114,7 @@ class Published(Convention):
     def mirror(self, images: Tensor, stride: int) -> Tensor:
         # Mirrored pixel c shows original pixel W - stride - c: cell x <-> cell w - 1 - x. The
         # published code pads the normalized image with 0, i.e. with the mean pixel here.
-        from pinet_lightning.model import IMAGENET_MEAN
+        from pinet_lightning.network import IMAGENET_MEAN
 
         shift = stride - 1
         flipped = images.flip(-1).float()

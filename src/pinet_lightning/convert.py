@@ -128,13 +128,13 @@ def _layout_of(state: Mapping[str, Tensor], layout: str | None, source: str) -> 
 
 
 def published_network(blob: Any, layout: str | None = None, source: str | Path = "<memory>"):
-    """A :class:`~pinet_lightning.model.PINet` holding the published weights of ``blob`` (a
+    """A :class:`~pinet_lightning.network.PINet` holding the published weights of ``blob`` (a
     loaded file), with the published convention. Every tensor must map, with its shape.
 
     Raises:
         ValueError: naming the file and the unmapped, missing or mismatched keys.
     """
-    from pinet_lightning.model import PINet
+    from pinet_lightning.network import PINet
 
     source = str(source)
     state = published_state(blob)
@@ -193,7 +193,7 @@ def convert_published(src: str | Path, dst: str | Path, layout: str | None = "cr
     """
     from pinet_lightning.checkpoints import load_file
     from pinet_lightning.decoding import DecodeConfig
-    from pinet_lightning.model import save_model
+    from pinet_lightning.network import save_model
 
     src, dst = Path(src), Path(dst)
     net = published_network(load_file(src, trust_checkpoint), layout, src)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         dst = convert_published(args.src, args.dst, args.layout, args.trust_checkpoint)
     except (OSError, ValueError) as err:
         parser.exit(2, f"pinet-convert: {err}\n")
-    from pinet_lightning.model import load_model
+    from pinet_lightning.network import load_model
 
     net = load_model(dst)
     print(f"pinet-convert: {args.src} -> {dst}: layout {net.layout.name}, "

@@ -123,7 +123,7 @@ def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         out["omega_weights"] = torch.cat([s["omega_weights"] for s in batch])
     if "window_channel" in first:
         out["window_channel"] = torch.cat([s["window_channel"].int() + b * (k + p)
-                                           for b, s in enumerate(batch)])  # fmt: skip
+                                           for b, s in enumerate(batch)])
         for key in _WINDOW_KEYS[1:]:
             out[key] = torch.cat([s[key] for s in batch])
     return out
@@ -166,7 +166,7 @@ def _split_entry(entry: Mapping[str, Any] | None, name: str) -> tuple[Path, Path
         return None
     if "images" not in entry or "annotations" not in entry:
         raise ValueError(f"data.{name} needs 'images' (folder) and 'annotations' (json), "
-                         f"got keys {sorted(entry)}")  # fmt: skip
+                         f"got keys {sorted(entry)}")
     return Path(str(entry["images"])), Path(str(entry["annotations"]))
 
 
@@ -220,7 +220,7 @@ class PINetDataModule(pl.LightningDataModule):
         unknown = sorted(set(people or {}) - set(_PEOPLE_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown data.people keys {unknown}; known: "
-                             f"{sorted(_PEOPLE_DEFAULTS)}")  # fmt: skip
+                             f"{sorted(_PEOPLE_DEFAULTS)}")
         self.people = {**_PEOPLE_DEFAULTS, **dict(people or {})}  # which images and people
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
@@ -304,14 +304,14 @@ class PINetDataModule(pl.LightningDataModule):
         entry = self.splits[split]
         if entry is None:
             raise ValueError(f"no {split} data configured: set data.{split}.images/annotations "
-                             "or data.synthetic")  # fmt: skip
+                             "or data.synthetic")
         return CocoKeypointDataset(
             entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
             output_stride=self.output_stride,
             targets={**self.targets, **_FORMATS[self.sparse_targets]},
             augmentation=self.augmentation, **self.people,
             skip_invalid=self.skip_invalid, convention=self.convention,
-        )  # fmt: skip
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
@@ -329,7 +329,7 @@ class PINetDataModule(pl.LightningDataModule):
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
             pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate, drop_last=drop_last,
-        )  # fmt: skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -337,7 +337,7 @@ class PINetDataModule(pl.LightningDataModule):
         ds = self.train_dataset
         # drop the ragged last batch (batch norm, proposal count); keep it for tiny sets
         return self._loader(ds, self.batch_size, True, train_collate,
-                            drop_last=len(ds) > self.batch_size)  # fmt: skip
+                            drop_last=len(ds) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

@@ -18,7 +18,7 @@ Choices:
   ``cell_center`` alignment.
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
-- People (SPEC 2.0, the published dataset): every annotation that is not a crowd region,
+- People (algorithm.md 2.0, the published dataset): every annotation that is not a crowd region,
   plus crowd annotations with keypoints. "Has keypoints" is read from the v flags, never
   from ``num_keypoints`` (CrowdPose's counts only its 12 body joints, not head and neck).
 - Ignore mask (0 = ignore), ``ignore_regions=True`` (COCO): crowd regions (``iscrowd`` 1)
@@ -183,10 +183,10 @@ class CocoKeypointDataset(Dataset):
             )
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.images_dir} does not exist; check the "
-                                    f"dataset root (images of {self.annotation_file})")  # fmt: skip
+                                    f"dataset root (images of {self.annotation_file})")
         if input_size % output_stride:
             raise ValueError(f"input_size {input_size} must be a multiple of the output stride "
-                             f"{output_stride}")  # fmt: skip
+                             f"{output_stride}")
         self.layout = get_layout(layout)
         self.train = bool(train)
         self.input_size = int(input_size)
@@ -206,7 +206,7 @@ class CocoKeypointDataset(Dataset):
                 why = ("without annotations" if self.min_image_keypoints is None else
                        f"with {self.min_image_keypoints} labelled keypoints or fewer")
                 log.info("%s: training on %d images, skipped %d %s",
-                         self.annotation_file.name, len(keep), skipped, why)  # fmt: skip
+                         self.annotation_file.name, len(keep), skipped, why)
             ids = keep
         self.image_ids = ids
         self._check_image_files()
@@ -217,7 +217,7 @@ class CocoKeypointDataset(Dataset):
             out = self.input_size // self.output_stride
             self.codec = PINetTargetCodec(self.layout, (out, out), **dict(targets or {}))
             self.augment = TrainAugmentation(self.layout.flip_index, self.input_size,
-                                             **dict(augmentation or {}))  # fmt: skip
+                                             **dict(augmentation or {}))
 
     # ------------------------------------------------------------------ checks and reading
     def _check_image_files(self) -> None:
@@ -233,7 +233,7 @@ class CocoKeypointDataset(Dataset):
 
     @staticmethod
     def _is_person(ann: dict) -> bool:
-        """Not a crowd region, or a crowd annotation with keypoints (SPEC 2.0)."""
+        """Not a crowd region, or a crowd annotation with keypoints (algorithm.md 2.0)."""
         return not ann.get("iscrowd", 0) or _num_labelled(ann) > 0
 
     def _keep_for_training(self, image_id: int) -> bool:
@@ -261,9 +261,9 @@ class CocoKeypointDataset(Dataset):
         k = self.layout.num_keypoints
         persons = [a for a in anns if self._is_person(a)]
         kps = np.array([a.get("keypoints") or [0.0] * (3 * k) for a in persons],
-                       dtype=np.float64).reshape(-1, k, 3)  # fmt: skip
+                       dtype=np.float64).reshape(-1, k, 3)
         boxes = np.array([a.get("bbox") or _hull(kp) for a, kp in zip(persons, kps, strict=True)],
-                         dtype=np.float64).reshape(-1, 4)  # fmt: skip
+                         dtype=np.float64).reshape(-1, 4)
         mask = np.ones((height, width), np.uint8)
         if self.ignore_regions:
             for a in anns:
@@ -298,7 +298,7 @@ class CocoKeypointDataset(Dataset):
         cells[..., :2] = self.convention.input_to_cell(cells[..., :2], self.output_stride)
         size = self.input_size // self.output_stride
         small = cv2.resize(out["mask"].astype(np.float32), (size, size),
-                           interpolation=cv2.INTER_AREA)  # fmt: skip
+                           interpolation=cv2.INTER_AREA)
         # kept when more than half of the cell is kept: half ignored is ignored (published)
         ignore = (small > 0.5).astype(np.float32)
         targets = self.codec.encode(cells, out["areas"], ignore_mask=ignore)

@@ -1,4 +1,4 @@
-"""Inference decoding (SPEC 5): peaks, coarse poses, refinement, flip test, multi-scale.
+"""Inference decoding (algorithm.md 5): peaks, coarse poses, refinement, flip test, multi-scale.
 
 Everything up to pose fusion runs on the network's device on fixed-size tensors (top-k
 peaks per part, a validity mask instead of filtering), so a batch costs one host transfer,
@@ -64,10 +64,10 @@ RefineFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 @dataclass
 class DecodeConfig:
-    """Inference settings (SPEC 5 defaults); a Hydra ``decode`` node maps onto it.
+    """Inference settings (the defaults of algorithm.md 5); a Hydra ``decode`` node maps onto it.
 
     Attributes:
-        flip_test: also run the mirrored image and average (SPEC 5.2, 5.4).
+        flip_test: also run the mirrored image and average (algorithm.md 5.2, 5.4).
         top_k: peaks kept per part and image.
         score_threshold: peaks with a part-heatmap score <= this are dropped.
         oks_threshold: pose fusion's OKS threshold.
@@ -141,7 +141,7 @@ def _drop_legacy_fields(values: dict[str, Any]) -> None:
 
 
 def nms_kernel_size(height: int, width: int, cfg: DecodeConfig | None = None) -> int:
-    """Max-pool kernel for peak finding: 7 / 5 / 3 by the map's mean side (SPEC 5.3)."""
+    """Max-pool kernel for peak finding: 7 / 5 / 3 by the map's mean side (algorithm.md 5.3)."""
     cfg = cfg or DecodeConfig()
     large, medium, small = cfg.nms_kernels
     mean_side = (height + width) / 2
@@ -360,7 +360,7 @@ def cells_to_image(poses: Tensor, back_transforms: Tensor,
 
 def fuse_batch(poses: Tensor, valid: Tensor, sigmas: Sequence[float],
                cfg: DecodeConfig | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Pose fusion per image, proposals ordered by their mean keypoint score (SPEC 5.7); one
+    """Pose fusion per image, proposals ordered by their mean keypoint score (algorithm.md 5.7); one
     device -> host transfer for the whole batch.
 
     Args:
@@ -420,7 +420,7 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
                   back_transforms: Tensor | np.ndarray,
                   cfg: DecodeConfig | Mapping[str, Any] | None = None,
                   ) -> list[tuple[Tensor, Tensor]]:
-    """Poses of a batch of same-size images, in original-image pixels, fused (SPEC 5).
+    """Poses of a batch of same-size images, in original-image pixels, fused (algorithm.md 5).
 
     Args:
         net: a ``PINet`` (anything with ``__call__(images) -> outputs dict`` and

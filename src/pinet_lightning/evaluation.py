@@ -1,4 +1,4 @@
-"""OKS-based keypoint evaluation (SPEC 7).
+"""OKS-based keypoint evaluation (algorithm.md 7).
 
 - ``coco`` (COCO, OCHuman): pycocotools ``COCOeval(iouType="keypoints")``; OKS uses the
   ground truth's ``area`` (filled from the bbox, w * h, where a json lacks it).

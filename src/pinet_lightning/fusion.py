@@ -1,6 +1,6 @@
-"""Pose fusion (SPEC 5.7) and OKS utilities.
+"""Pose fusion (algorithm.md 5.7) and OKS utilities.
 
-Conventions chosen here (SPEC leaves them open):
+Conventions chosen here (the paper leaves them open; algorithm.md 5.7 records them):
 
 - A pose is ``(K, 3)``: ``(x, y, keypoint score)`` in image pixels. Decoded proposals
   predict every keypoint, so **all K keypoints count**, both for the OKS distance and for
@@ -127,7 +127,7 @@ def pose_fusion(
     sigmas: np.ndarray | torch.Tensor | list[float],
     oks_threshold: float = 0.7,
 ) -> tuple[ArrayT, ArrayT]:
-    """Fuse proposals of one image (SPEC 5.7).
+    """Fuse proposals of one image (algorithm.md 5.7).
 
     Args:
         poses: (M, K, 3) (x, y, keypoint score) in image pixels, numpy or torch.

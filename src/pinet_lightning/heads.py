@@ -1,4 +1,4 @@
-"""Part-based Pose Generation heads (SPEC 3): three 1x1 convolutions on the features."""
+"""Part-based Pose Generation heads (algorithm.md 3): three 1x1 convolutions on the features."""
 
 from __future__ import annotations
 

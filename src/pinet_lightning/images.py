@@ -38,7 +38,7 @@ def read_image(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None or image.size == 0:
         raise OSError(f"cannot decode image {path}: the file is corrupt or not an image; "
-                      "replace it or remove it from the annotation file")  # fmt: skip
+                      "replace it or remove it from the annotation file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -49,7 +49,7 @@ def _image_error(path: Path, problem: str) -> OSError:
         return IsADirectoryError(f"image {path} is a folder, not an image file")
     return OSError(f"image {path} is a truncated JPEG ({problem}): the file was cut short "
                    "(an interrupted download or copy?); replace it, or set "
-                   "data.skip_invalid=true to skip it")  # fmt: skip
+                   "data.skip_invalid=true to skip it")
 
 
 def _jpeg_truncation(data: bytes) -> str | None:
@@ -152,7 +152,7 @@ def check_image(image: np.ndarray, where: str) -> None:
 def inference_resize(
     image: np.ndarray, input_size: int = 512, multiple: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize for inference (SPEC 5.1).
+    """Resize for inference (algorithm.md 5.1).
 
     Returns the network input (H', W', 3), both sides multiples of ``multiple`` (short side
     ``input_size`` rounded up), and the float64 2x3 affine mapping network-input pixels back to

@@ -1,14 +1,14 @@
 """Keypoint layouts: names, flip order, OKS sigmas, body parts and skeleton.
 
-A layout is data, not code (SPEC section 1): the built-in ones are plain dictionaries and a
-new COCO-format dataset describes its own keypoints in a config file, passed to
+A layout is data, not code (docs/algorithm.md, section 1): the built-in ones are plain
+dictionaries and a new COCO-format dataset describes its own keypoints in a config file, passed to
 :func:`get_layout` as a mapping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,6 @@ class Layout:
     parts: tuple[tuple[int, ...], ...]
     part_names: tuple[str, ...]
     skeleton: tuple[tuple[int, int], ...]
-    _sigma_array: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         k = len(self.names)
@@ -58,7 +57,6 @@ class Layout:
         for a, b in self.skeleton:
             if not (0 <= a < k and 0 <= b < k) or a == b:
                 raise ValueError(f"{where}: bad skeleton edge ({a}, {b})")
-        object.__setattr__(self, "_sigma_array", np.asarray(self.sigmas, dtype=np.float32))
 
     @property
     def num_keypoints(self) -> int:
@@ -67,11 +65,6 @@ class Layout:
     @property
     def num_parts(self) -> int:
         return len(self.parts)
-
-    @property
-    def sigma_array(self) -> np.ndarray:
-        """OKS sigmas as a float32 array of shape (K,)."""
-        return self._sigma_array
 
     def adjacency(self) -> np.ndarray:
         """Symmetric (K, K) 0/1 adjacency of the skeleton, without self loops."""

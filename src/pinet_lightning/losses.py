@@ -1,4 +1,4 @@
-"""PINet training losses (SPEC 4).
+"""PINet training losses (algorithm.md 4).
 
 Contract for the LightningModule::
 
@@ -13,7 +13,7 @@ Contract for the LightningModule::
 
 ``net`` is anything with ``refine(features, poses, cells, batch_index, valid=None)``: the
 PINet (or the un-compiled ``_orig_mod`` of a compiled one). Everything runs on the device of
-the outputs without host syncs: the proposal count m of SPEC 4 is applied as a mask over a
+the outputs without host syncs: the proposal count m of algorithm.md 4 is applied as a mask over a
 fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.proposals`), so the
 shapes are static. Losses are computed in float32 even under bf16 autocast.
 
@@ -65,14 +65,14 @@ class HeatmapLoss(nn.Module):
         target = torch.cat([targets["heatmaps"], targets["part_heatmaps"]], dim=1).float()
         mask = torch.cat([targets["heatmap_mask"], targets["part_mask"]], dim=1).float()
         if pred.shape != target.shape:
-            raise ValueError(f"losses.py: heatmap predictions {tuple(pred.shape)} do not match "
+            raise ValueError(f"heatmap predictions {tuple(pred.shape)} do not match "
                              f"the targets {tuple(target.shape)}; check the layout and the "
                              "output size (input size / 4) of the data module")
         return ((pred - target) ** 2 * mask).mean()
 
 
 class OffsetLoss(nn.Module):
-    """Smooth L1 on the offset maps, on Omega alone (SPEC 4).
+    """Smooth L1 on the offset maps, on Omega alone (algorithm.md 4).
 
     ``forward(offsets, target, weights)`` with dense targets and weights of the offsets'
     shape, or ``forward(offsets, omega)`` with an :class:`OmegaBatch`: the predictions are
@@ -88,12 +88,12 @@ class OffsetLoss(nn.Module):
         if isinstance(target, OmegaBatch):
             b, p, k, h, w = target.shape
             if tuple(offsets.shape) != (b, p * k * 2, h, w):
-                raise ValueError(f"losses.py: offsets {tuple(offsets.shape)} do not match "
+                raise ValueError(f"offsets {tuple(offsets.shape)} do not match "
                                  f"Omega's (B, P*K*2, h, w) = {(b, p * k * 2, h, w)}")
             return weighted_smooth_l1(target.at_entries(offsets), target.offsets,
                                       target.weights[:, None].expand(-1, 2), self.beta)
         if weights is None or offsets.shape != target.shape or target.shape != weights.shape:
-            raise ValueError(f"losses.py: offsets {tuple(offsets.shape)}, targets "
+            raise ValueError(f"offsets {tuple(offsets.shape)}, targets "
                              f"{tuple(target.shape)} and weights "
                              f"{None if weights is None else tuple(weights.shape)} differ")
         return weighted_smooth_l1(offsets, target, weights, self.beta)
@@ -107,7 +107,7 @@ class RefineLoss(OffsetLoss):
 
 
 class PINetLoss(nn.Module):
-    """Total PINet loss: heatmap + offset + refine, weighted (SPEC 4).
+    """Total PINet loss: heatmap + offset + refine, weighted (algorithm.md 4).
 
     Args:
         heatmap_weight, offset_weight, refine_weight: loss weights (1.0, 0.03, 0.03).
@@ -173,7 +173,7 @@ class PINetLoss(nn.Module):
         props: Proposals = sample_proposals(heat["part_heatmaps"], weight_source, num_keypoints,
                                             self.proposals_per_part,
                                             empty_cells=self.proposals_at_empty_cells)
-        # The coarse poses come from the predicted offsets, detached (SPEC 4).
+        # The coarse poses come from the predicted offsets, detached (algorithm.md 4).
         coarse = gather_at_cells(outputs["offsets"].detach(), props.cells, props.batch_index,
                                  props.part_index, num_keypoints)
         if omega is None:

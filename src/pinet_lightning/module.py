@@ -65,7 +65,7 @@ from pinet_lightning.evaluation import (
 )
 from pinet_lightning.layouts import Layout, get_layout
 from pinet_lightning.losses import PINetLoss
-from pinet_lightning.model import PINet
+from pinet_lightning.network import PINet
 
 __all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch",
            "check_data_matches_network"]
@@ -92,11 +92,11 @@ def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = Tr
     """Defaults updated by the given mapping; unknown keys are an error when ``strict``."""
     given = _plain(given) if given is not None else {}
     if not isinstance(given, Mapping):
-        raise TypeError(f"module.py: PINetModule({name}=...) must be a mapping, "
+        raise TypeError(f"PINetModule({name}=...) must be a mapping, "
                         f"not {type(given).__name__}")
     unknown = sorted(set(given) - set(defaults))
     if strict and unknown:
-        raise ValueError(f"module.py: unknown PINetModule {name} keys {unknown}; "
+        raise ValueError(f"unknown PINetModule {name} keys {unknown}; "
                          f"known: {sorted(defaults)} (fix the {name} section of the config)")
     return {**copy.deepcopy(dict(defaults)), **given}
 
@@ -109,7 +109,7 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
             return device.type == "cuda"
         if lowered in ("true", "false"):
             return lowered == "true"
-        raise ValueError(f"module.py: {name} must be 'auto', true or false, not '{value}'")
+        raise ValueError(f"{name} must be 'auto', true or false, not '{value}'")
     return bool(value)
 
 
@@ -131,12 +131,12 @@ def check_data_matches_network(datamodule: Any, net: Any) -> None:
 
 
 class PINetModule(pl.LightningModule):
-    """PINet training (SPEC 4, 6) and evaluation (SPEC 5, 7) in Lightning.
+    """PINet training (algorithm.md 4, 6) and evaluation (algorithm.md 5, 7) in Lightning.
 
     Args:
         layout: layout name or mapping (stored as given; see :func:`get_layout`).
         network: ``PINet`` keyword arguments (backbone, pretrained, refine_layers).
-        loss: ``PINetLoss`` keyword arguments (SPEC 4 weights, beta, proposals per part).
+        loss: ``PINetLoss`` keyword arguments (algorithm.md 4 weights, beta, proposals per part).
         optimizer: Adam ``lr``, MultiStepLR ``milestones`` (in epochs) and ``gamma``.
         decode: ``DecodeConfig`` fields used by validation / test / predict.
         channels_last, compile: "auto" (on CUDA only), True or False.
@@ -191,7 +191,7 @@ class PINetModule(pl.LightningModule):
         self._eval_results: dict[int, list[dict]] = {}
         self.evaluations: dict[str, Evaluation] = {}  # the last evaluation of each stage
         if finite_check_every is not None and int(finite_check_every) < 1:
-            raise ValueError(f"module.py: finite_check_every must be >= 1 or null, got "
+            raise ValueError(f"finite_check_every must be >= 1 or null, got "
                              f"{finite_check_every}")
         self.finite_check_every = None if finite_check_every is None else int(finite_check_every)
         self._nonfinite: Tensor | None = None  # per loss term: seen non-finite since the check
@@ -285,7 +285,7 @@ class PINetModule(pl.LightningModule):
         last = int(self.global_step)
         where = f"at step {last}" if first == last else f"between steps {first} and {last}"
         raise NonFiniteLossError(
-            f"module.py: the training loss became NaN or infinite ({terms}) {where} (epoch "
+            f"the training loss became NaN or infinite ({terms}) {where} (epoch "
             f"{self.current_epoch}): training diverged and was stopped. Lower "
             "model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check the data; "
             "checkpoints/last.ckpt, if an epoch finished, keeps its weights (it is not "
@@ -304,7 +304,8 @@ class PINetModule(pl.LightningModule):
         self._eval_results = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam + MultiStepLR stepped per epoch (SPEC 6). Clipping: Trainer.gradient_clip_val."""
+        """Adam + MultiStepLR stepped per epoch (algorithm.md 4, 6); clipping:
+        Trainer.gradient_clip_val."""
         cfg = self.hparams.optimizer
         optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr"]))
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -363,7 +364,7 @@ class PINetModule(pl.LightningModule):
             return dm.evaluator(stage)
         if given is None:
             raise ValueError(
-                f"module.py: {stage} evaluation needs the ground-truth json: use a data module "
+                f"{stage} evaluation needs the ground-truth json: use a data module "
                 f"with an evaluator(stage) (PINetDataModule) or pass PINetModule({key}=...)"
             )
         protocol = (self.hparams.get("eval_protocol") or getattr(dm, "protocol", None)

@@ -4,7 +4,7 @@
 >>> people = predictor("street.jpg")                             # list[Person]
 >>> people[0].keypoints  # (K, 3): x, y in the image's pixels, keypoint score
 
-Each image is resized as the network's cell/pixel convention says (SPEC 5.1; ours:
+Each image is resized as the network's cell/pixel convention says (algorithm.md 5.1; ours:
 ``inference_resize``), images of the same resized size are batched, and ``predict_poses``
 decodes them (flip test, refinement, fusion).
 """
@@ -55,13 +55,13 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
         return load_image(image)
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         got = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"predictor.py: expected an (H, W, 3) RGB uint8 array or an image "
+        raise ValueError(f"expected an (H, W, 3) RGB uint8 array or an image "
                          f"path, got {got}; convert grayscale/RGBA images to RGB first")
     if image.dtype != np.uint8:
-        raise ValueError(f"predictor.py: expected a uint8 image (0..255), got {image.dtype}; "
+        raise ValueError(f"expected a uint8 image (0..255), got {image.dtype}; "
                          "use image.astype(np.uint8) on 0..255 data")
     if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"predictor.py: the image is empty ({image.shape[0]} x "
+        raise ValueError(f"the image is empty ({image.shape[0]} x "
                          f"{image.shape[1]} pixels); pass an image with pixels")
     return image
 
@@ -72,8 +72,8 @@ class Predictor:
     Args:
         net: a ``PINet``.
         layout: keypoint layout (default ``net.layout``).
-        decode_cfg: ``DecodeConfig`` or a mapping of its fields (SPEC 5 defaults).
-        input_size: short side of the network input (SPEC 5.1).
+        decode_cfg: ``DecodeConfig`` or a mapping of its fields (the defaults of algorithm.md 5).
+        input_size: short side of the network input (algorithm.md 5.1).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).

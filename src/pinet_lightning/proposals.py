@@ -1,4 +1,4 @@
-"""Training proposal sampling (SPEC 4), vectorized over the batch, with no host sync.
+"""Training proposal sampling (algorithm.md 4), vectorized over the batch, with no host sync.
 
 For each part, every output cell is scored by the part target heatmap times the largest of
 that part's offset weights; each image keeps its top m cells per part, with
@@ -44,14 +44,12 @@ class Proposals:
     batch_index: (N,) long image index. part_index: (N,) long part index.
     valid: (N,) bool, whether the proposal counts (rank < m; with ``empty_cells=False``
         also a positive score).
-    scores: (N,) float, the sampling score of the cell.
     """
 
     cells: Tensor
     batch_index: Tensor
     part_index: Tensor
     valid: Tensor
-    scores: Tensor
 
     def __len__(self) -> int:
         return self.cells.shape[0]
@@ -65,12 +63,12 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
     if isinstance(offset_weights, OmegaBatch):
         if offset_weights.shape != (b, p, num_keypoints, h, w):
             raise ValueError(
-                f"proposals.py: Omega of shape (B, P, K, h, w) = {offset_weights.shape} does "
+                f"Omega of shape (B, P, K, h, w) = {offset_weights.shape} does "
                 f"not match part heatmaps {tuple(part_heatmaps.shape)} and K = {num_keypoints}")
         return part_heatmaps * offset_weights.part_weights()
     if offset_weights.shape != (b, p * num_keypoints * 2, h, w):
         raise ValueError(
-            f"proposals.py: offset_weights {tuple(offset_weights.shape)} should be "
+            f"offset_weights {tuple(offset_weights.shape)} should be "
             f"(B, P*K*2, h, w) = {(b, p * num_keypoints * 2, h, w)} for part heatmaps "
             f"{tuple(part_heatmaps.shape)} and K = {num_keypoints}")
     weight = offset_weights.view(b, p, num_keypoints * 2, h, w).amax(dim=2)
@@ -80,7 +78,7 @@ def proposal_scores(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
 def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
                      num_keypoints: int, max_per_part: int = 40, empty_cells: bool = True
                      ) -> Proposals:
-    """Sample the training proposals of a batch (SPEC 4) from its targets.
+    """Sample the training proposals of a batch (algorithm.md 4) from its targets.
 
     Args:
         part_heatmaps: (B, P, h, w) part target heatmaps.
@@ -109,7 +107,6 @@ def sample_proposals(part_heatmaps: Tensor, offset_weights: Tensor | OmegaBatch,
         batch_index=batch_index.reshape(-1),
         part_index=part_index.reshape(-1),
         valid=valid.reshape(-1),
-        scores=values.reshape(-1),
     )
 
 
@@ -126,7 +123,7 @@ def gather_at_cells(maps: Tensor, cells: Tensor, batch_index: Tensor, part_index
     """
     b, c, h, w = maps.shape
     if c % (num_keypoints * 2):
-        raise ValueError(f"proposals.py: {c} offset channels are not P * K * 2 for K = "
+        raise ValueError(f"{c} offset channels are not P * K * 2 for K = "
                          f"{num_keypoints}")
     p = c // (num_keypoints * 2)
     cells = cells.long()

@@ -1,4 +1,4 @@
-"""Pose Refinement (PR, SPEC 3): a graph network over the K keypoints of each proposal.
+"""Pose Refinement (PR, algorithm.md 3): a graph network over the K keypoints of each proposal.
 
 Node features are the backbone features sampled bilinearly at the proposal's K coarse
 keypoints; the graph is the layout skeleton plus self loops, symmetrically normalized and
@@ -9,13 +9,13 @@ offsets: refined offset = coarse offset + correction.
 Memory layout: inside the network node features are node-major, (K, N, C), so the adjacency
 product A (X W) is ONE (K, K) x (K, N*C) matrix product on a view (no copy). In the
 proposal-major (N, K, C) layout ``matmul`` needs a transposed copy and a product per proposal
-(about 2x slower forward + backward on CPU, scripts/bench_refinement.py). The product gives
-bitwise the same values either way; the module's parameters and outputs are unchanged (up to
-float rounding: the batch norm statistics sum the rows in another order).
+(timings: scripts/bench_refinement.py). The product gives bitwise the same values either
+way; the module's parameters and outputs are unchanged (up to float rounding: the batch norm
+statistics sum the rows in another order).
 
 Batch norm layout: node features are normalized as K*N rows of C channels (BatchNorm1d(C));
 the readout normalizes N rows. With a ``valid`` mask (training proposals beyond the count m
-of SPEC 4), only valid proposals enter the batch statistics; invalid rows
+of algorithm.md 4), only valid proposals enter the batch statistics; invalid rows
 are normalized with those statistics and their loss is masked by the caller. When fewer than
 two rows are valid (e.g. N = 1 in training), the running statistics are used and not updated.
 """
@@ -189,7 +189,7 @@ class GraphBlock(nn.Module):
         self.linear = nn.Linear(in_channels, out_channels, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.norm = MaskedBatchNorm1d(out_channels)
-        # The published graph convolution's start (SPEC 3): W Xavier-uniform with gain 1.414
+        # The published graph convolution's start (algorithm.md 3): W Xavier-uniform with gain 1.414
         # (symmetric in fan-in and fan-out, so stored (out, in) it is the same law), b uniform
         # in +-1/sqrt(out features).
         nn.init.xavier_uniform_(self.linear.weight, gain=1.414)
@@ -220,7 +220,7 @@ class ResidualGraphBlock(nn.Module):
 
 
 class PoseRefinement(nn.Module):
-    """PR graph network (SPEC 3), batched over all proposals of all images.
+    """PR graph network (algorithm.md 3), batched over all proposals of all images.
 
     Args:
         in_channels: C of the backbone features (480 for HRNet-W32).
@@ -245,7 +245,7 @@ class PoseRefinement(nn.Module):
         else:
             adjacency = get_layout(layout).adjacency()
         if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
-            raise ValueError(f"refinement.py: adjacency must be (K, K), got {adjacency.shape}")
+            raise ValueError(f"adjacency must be (K, K), got {adjacency.shape}")
         self.num_keypoints = adjacency.shape[0]
         hidden = hidden_channels or in_channels
         self.adjacency = nn.Parameter(normalized_adjacency(adjacency))
@@ -267,7 +267,7 @@ class PoseRefinement(nn.Module):
         """
         n, k = poses.shape[0], self.num_keypoints
         if poses.ndim != 3 or poses.shape[1:] != (k, 2):
-            raise ValueError(f"refinement.py: poses must be (N, {k}, 2), got "
+            raise ValueError(f"poses must be (N, {k}, 2), got "
                              f"{tuple(poses.shape)}")
         if n == 0:
             return features.new_zeros((0, k, 2))

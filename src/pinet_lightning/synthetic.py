@@ -40,7 +40,7 @@ BODY_JOINTS: tuple[str, ...] = (
     "head", "neck", "nose", "left_eye", "right_eye", "left_ear", "right_ear",
     "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
     "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
-)  # fmt: skip
+)
 _J = {name: i for i, name in enumerate(BODY_JOINTS)}
 _FACE = [_J[n] for n in ("nose", "left_eye", "right_eye")]  # hidden when seen from the back
 
@@ -98,7 +98,7 @@ def _body_pose(rng: np.random.Generator, n: int) -> np.ndarray:
         knee = hip + _THIGH * thigh
         ankle = knee + _SHIN * _apply(_rot(bend), thigh)
         for name, value in (("shoulder", shoulder), ("hip", hip), ("elbow", elbow),
-                            ("wrist", wrist), ("knee", knee), ("ankle", ankle)):  # fmt: skip
+                            ("wrist", wrist), ("knee", knee), ("ankle", ankle)):
             j[:, _J[f"{side}_{name}"]] = value
     return j
 
@@ -144,10 +144,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
             cv2.rectangle(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), colour, -1)
         elif kind == 1:
             cv2.circle(img, (int(p[0]), int(p[1])), int(rng.integers(size // 40, size // 8) + 1),
-                       colour, -1, cv2.LINE_AA)  # fmt: skip
+                       colour, -1, cv2.LINE_AA)
         else:
             cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), colour,
-                     int(rng.integers(2, max(3, size // 30))), cv2.LINE_AA)  # fmt: skip
+                     int(rng.integers(2, max(3, size // 30))), cv2.LINE_AA)
     noise = rng.integers(-12, 13, img.shape, dtype=np.int16)
     return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
@@ -158,7 +158,7 @@ _LIMBS = [  # (joint a, joint b, colour index, thickness / height); drawn in thi
     ("neck", "head", 2, 0.04),
     ("left_shoulder", "left_elbow", 0, 0.045), ("left_elbow", "left_wrist", 2, 0.04),
     ("right_shoulder", "right_elbow", 0, 0.045), ("right_elbow", "right_wrist", 2, 0.04),
-]  # fmt: skip
+]
 _SHIFT = 2  # cv2 fixed-point bits: sub-pixel drawing
 _SCALE = 1 << _SHIFT
 
@@ -180,7 +180,7 @@ def _draw_person(canvas: np.ndarray, joints: np.ndarray, height: float, facing: 
     for a, b, ci, t in _LIMBS[:4]:
         cv2.line(canvas, p(a), p(b), colour(ci), max(1, int(t * height)), aa, _SHIFT)
     torso = np.stack([pts[_J[n]] for n in ("left_shoulder", "right_shoulder",
-                                            "right_hip", "left_hip")])  # fmt: skip
+                                            "right_hip", "left_hip")])
     cv2.fillConvexPoly(canvas, torso, colour(0), aa, _SHIFT)
     cv2.polylines(canvas, [torso], True, colour(0), max(1, int(0.04 * height)), aa, _SHIFT)
     for a, b, ci, t in _LIMBS[4:]:
@@ -195,9 +195,9 @@ def _draw_person(canvas: np.ndarray, joints: np.ndarray, height: float, facing: 
         if facing > 0:  # eyes and nose tell front from back
             for name in ("left_eye", "right_eye"):
                 cv2.circle(canvas, p(name), max(_SCALE, int(0.01 * height * _SCALE)),
-                           (20, 20, 20), -1, aa, _SHIFT)  # fmt: skip
+                           (20, 20, 20), -1, aa, _SHIFT)
             cv2.circle(canvas, p("nose"), max(_SCALE, int(0.008 * height * _SCALE)),
-                       colour(2, 0.7), -1, aa, _SHIFT)  # fmt: skip
+                       colour(2, 0.7), -1, aa, _SHIFT)
         else:  # hair on the back of the head
             r = int(0.8 * _HEAD_R * height * _SCALE)
             cv2.circle(canvas, c, r, colour(2, 0.35), -1, aa, _SHIFT)
@@ -313,11 +313,11 @@ def generate_synthetic_crowd(
         boxes = _person_boxes(people["joints"], people["height"], image_size)
         name = f"{i:06d}.jpg"
         cv2.imwrite(str(out / "images" / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 92])  # fmt: skip
+                    [cv2.IMWRITE_JPEG_QUALITY, 92])
         keep = (kps[..., 2] > 0).sum(1) > 0
         images.append({"id": i + 1, "file_name": name, "height": image_size,
                        "width": image_size,
-                       "crowdIndex": round(crowd_index(kps[keep], boxes[keep]), 4)})  # fmt: skip
+                       "crowdIndex": round(crowd_index(kps[keep], boxes[keep]), 4)})
         for p in np.flatnonzero(keep):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
@@ -325,13 +325,13 @@ def generate_synthetic_crowd(
                 "num_keypoints": int((kps[p, :, 2] > 0).sum()),
                 "bbox": [round(float(v), 2) for v in boxes[p]],
                 "area": float(areas[p]),
-            })  # fmt: skip
+            })
     categories = [{
         "id": 1, "name": "person", "supercategory": "person", "keypoints": list(lay.names),
         "skeleton": [[a + 1, b + 1] for a, b in lay.skeleton],
-    }]  # fmt: skip
+    }]
     info = {"description": f"pinet-lightning synthetic crowd (layout {lay.name}, seed {seed})"}
     ann_path = out / "annotations.json"
     ann_path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations,
-                                    "categories": categories}))  # fmt: skip
+                                    "categories": categories}))
     return ann_path

@@ -1,7 +1,7 @@
-"""PINet training targets (SPEC section 2): the codec the data loader workers run per sample.
+"""PINet training targets (algorithm.md 2): the codec the data loader workers run per sample.
 
 Everything is in output cells after augmentation, with the pixel-center convention of
-docs/architecture.md (cell ``(i, j)`` sits at coordinate ``(i, j)``). Choices the SPEC leaves
+docs/architecture.md (cell ``(i, j)`` sits at coordinate ``(i, j)``). Choices the paper leaves
 open, fixed here and tested in tests/test_targets.py:
 
 - A keypoint counts when ``v > 0`` and it lies inside the map, ``0 <= x < W`` and
@@ -12,7 +12,7 @@ open, fixed here and tested in tests/test_targets.py:
   clipped to the map. Inside it the value is ``exp(-((i - x)^2 + (j - y)^2) / (2 sigma^2))``
   at the exact sub-cell point; people combine by maximum. The loss mask is 1 on the union of
   windows.
-- Part center (default, SPEC 2.2 and the published code): mean of the part's keypoints with
+- Part center (default, algorithm.md 2.2 and the published code): mean of the part's keypoints with
   ``v > 0``, in the map or not. As the published generators: it writes offsets when
   ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map, and its Gaussian
   only when ``0 <= cx < W`` and ``0 <= cy < H``; so a center at ``x = -0.2`` claims the
@@ -23,7 +23,7 @@ open, fixed here and tested in tests/test_targets.py:
   writes nothing although some of its keypoints are visible) or sit far from what the
   network sees; the mean of in-map points is always in the map.
 - Offsets: for a center ``(cx, cy)`` the cells ``int(cx) - r <= i < int(cx) + r``,
-  ``int(cy) - r <= j < int(cy) + r`` (``int`` truncates toward zero, SPEC 2.4), clipped.
+  ``int(cy) - r <= j < int(cy) + r`` (``int`` truncates toward zero, algorithm.md 2.4), clipped.
   Where several people claim one cell and channel the smaller box area keeps it; equal
   areas go to the lower person index (deterministic, independent of numpy's write order).
 - Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
@@ -31,7 +31,7 @@ open, fixed here and tested in tests/test_targets.py:
 Sparse forms (what the loader workers send by default, ``data.sparse_targets``): Omega's
 entries instead of the dense offsets and weights (``offsets_format="omega"``), and each
 Gaussian as its window's two 1-D factors instead of the four heatmap maps
-(``heatmaps_format="windows"``): about 0.15 MB instead of 13 MB for a crowded sample at 512.
+(``heatmaps_format="windows"``); their size against the dense maps: scripts/bench_loader.py.
 The torch half of this module reads a collated sparse batch on the device:
 :func:`heatmap_targets` renders the heatmaps (the float32 products and maxima of the dense
 encoder, so bit for bit the same maps) and :class:`OmegaBatch` serves the offset loss and
@@ -71,8 +71,6 @@ TARGET_KEYS: tuple[str, ...] = (
     "offset_weights",
 )
 
-_WHERE = "pinet_lightning/targets.py"
-
 
 def _check_inputs(
     keypoints: np.ndarray,
@@ -87,33 +85,33 @@ def _check_inputs(
         kp = kp.reshape(0, k, 3)
     if kp.ndim != 3 or kp.shape[1:] != (k, 3):
         raise ValueError(
-            f"{_WHERE}: keypoints must have shape (N, {k}, 3) = (x, y, v) in output cells for "
+            f"keypoints must have shape (N, {k}, 3) = (x, y, v) in output cells for "
             f"layout '{layout.name}', got {kp.shape}; pass one row per person, or check that "
             "the dataset's layout matches its annotations"
         )
     ar = np.zeros(kp.shape[0]) if areas is None else np.asarray(areas, np.float64).reshape(-1)
     if ar.shape[0] != kp.shape[0]:
         raise ValueError(
-            f"{_WHERE}: got {kp.shape[0]} people but {ar.shape[0]} areas; pass one box area "
+            f"got {kp.shape[0]} people but {ar.shape[0]} areas; pass one box area "
             "(in input pixels) per person"
         )
     if not np.isfinite(ar).all():
-        raise ValueError(f"{_WHERE}: areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
-                         "check the boxes given to the augmentation")  # fmt: skip
+        raise ValueError(f"areas must be finite, got {ar[~np.isfinite(ar)][:3]}; "
+                         "check the boxes given to the augmentation")
     try:
         height, width = (int(s) for s in output_size)
     except (TypeError, ValueError):
         raise ValueError(
-            f"{_WHERE}: output_size must be (H, W), got {output_size!r}"
+            f"output_size must be (H, W), got {output_size!r}"
         ) from None
     if height <= 0 or width <= 0:
-        raise ValueError(f"{_WHERE}: output_size must be positive, got {(height, width)}")
+        raise ValueError(f"output_size must be positive, got {(height, width)}")
     mask = None
     if ignore_mask is not None:
         mask = np.asarray(ignore_mask, dtype=np.float32)
         if mask.shape != (height, width):
             raise ValueError(
-                f"{_WHERE}: ignore_mask must have the output shape {(height, width)} "
+                f"ignore_mask must have the output shape {(height, width)} "
                 f"(0 = ignore), got {mask.shape}; resize it to the output map first"
             )
     return kp, ar, height, width, mask
@@ -123,21 +121,21 @@ def _check_settings(sigma: float, radius: int, bg_weight: float, window_sigmas: 
                     window_margin: float, offsets_format: str, heatmaps_format: str) -> None:
     """The target settings' checks, shared by :func:`encode_targets` and the codec."""
     if not sigma > 0:
-        raise ValueError(f"{_WHERE}: sigma must be positive, got {sigma}")
+        raise ValueError(f"sigma must be positive, got {sigma}")
     if not window_sigmas > 0:
-        raise ValueError(f"{_WHERE}: window_sigmas must be positive, got {window_sigmas}")
+        raise ValueError(f"window_sigmas must be positive, got {window_sigmas}")
     if not window_margin >= 0:
-        raise ValueError(f"{_WHERE}: window_margin must be >= 0 cells, got {window_margin}")
+        raise ValueError(f"window_margin must be >= 0 cells, got {window_margin}")
     if int(radius) != radius or radius < 1:
-        raise ValueError(f"{_WHERE}: radius must be a positive integer, got {radius}")
+        raise ValueError(f"radius must be a positive integer, got {radius}")
     if offsets_format not in ("dense", "omega"):
-        raise ValueError(f"{_WHERE}: offsets_format must be 'dense' or 'omega', "
+        raise ValueError(f"offsets_format must be 'dense' or 'omega', "
                          f"got {offsets_format!r}")
     if heatmaps_format not in ("dense", "windows"):
-        raise ValueError(f"{_WHERE}: heatmaps_format must be 'dense' or 'windows', "
+        raise ValueError(f"heatmaps_format must be 'dense' or 'windows', "
                          f"got {heatmaps_format!r}")
     if not 0.0 <= bg_weight <= 1.0:
-        raise ValueError(f"{_WHERE}: bg_weight must be in [0, 1], got {bg_weight}")
+        raise ValueError(f"bg_weight must be in [0, 1], got {bg_weight}")
 
 
 def _counting(kp: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -241,7 +239,7 @@ def _draw_windows(
     cols = first[:, 0, None] + steps  # (M, L)
     rows = (channel[:, None] * height + first[:, 1, None] + steps) * width  # (M, L)
     flat = np.where(inside[:, 1, :, None] & inside[:, 0, None, :],
-                    rows[:, :, None] + cols[:, None, :], dump)  # fmt: skip
+                    rows[:, :, None] + cols[:, None, :], dump)
     values = gauss[:, 1, :, None] * gauss[:, 0, None, :]  # (M, L rows, L cols) float32
     np.maximum.at(heat, flat.ravel(), values.ravel())
     window[flat.ravel()] = 1.0
@@ -263,7 +261,7 @@ def encode_targets(
     window_margin: float = 2.0,
     heatmaps_format: str = "dense",
 ) -> dict[str, np.ndarray]:
-    """Build PINet's training targets for one sample (SPEC 2).
+    """Build PINet's training targets for one sample (algorithm.md 2).
 
     Args:
         keypoints: (N, K, 3) ``(x, y, v)`` in output cells.
@@ -277,15 +275,16 @@ def encode_targets(
         ignore_mask: (H, W), 0 where the heatmap losses ignore the image (crowd regions).
         min_part_area: people with a smaller box area get no part centers (COCO: 32**2).
         part_center_in_map: centers from in-map keypoints only (see the module docstring;
-            False, the SPEC: every ``v > 0`` keypoint of the part).
+            False, algorithm.md 2.2: every ``v > 0`` keypoint of the part).
         offsets_format: ``"dense"`` (the contract) or ``"omega"``: instead of ``offsets``
             and ``offset_weights``, the entries of Omega alone, ``omega_index`` (E,) int64
             ascending into the flattened (P*K, H, W) (channel pair ``p * K + k``, row,
             column), ``omega_offsets`` (E, 2) float32 (x, y) and ``omega_weights`` (E,)
-            float32, about 100x less memory; :func:`densify_offsets` rebuilds the dense pair.
+            float32 (sizes: scripts/bench_loader.py); :func:`densify_offsets` rebuilds the
+            dense pair.
         window_sigmas, window_margin: the Gaussian windows hold the cells strictly closer
-            than ``window_sigmas * sigma + window_margin`` on each axis (SPEC: about 3 sigma;
-            the published generator: 3 sigma + 2 cells).
+            than ``window_sigmas * sigma + window_margin`` on each axis (algorithm.md 2.1: the
+            published generator's 3 sigma + 2 cells).
         heatmaps_format: ``"dense"`` (the contract) or ``"windows"``: instead of the four
             heatmap keys, one Gaussian window per counting keypoint and drawn part center:
             ``window_channel`` (M,) int32 (keypoint k, or K + part), ``window_first`` (M, 2)
@@ -322,7 +321,7 @@ def encode_targets(
     xy = np.concatenate([kp[vn, vk, :2], center_xy[drawn]]).reshape(-1, 2)
     channel = np.concatenate([vk, k + cp[drawn]])
     first, length, gauss = _gaussian_windows(xy, sigma, height, width, window_sigmas,
-                                             window_margin)  # fmt: skip
+                                             window_margin)
     out: dict[str, np.ndarray] = {}
     if heatmaps_format == "windows":
         if mask is None:
@@ -330,12 +329,12 @@ def encode_targets(
         elif ((mask == 0) | (mask == 1)).all():
             ignore = mask.astype(np.uint8)
         else:
-            raise ValueError(f"{_WHERE}: heatmaps_format='windows' carries the ignore mask as "
+            raise ValueError("heatmaps_format='windows' carries the ignore mask as "
                              "0/1 bytes, but it holds other values; threshold it first "
                              "(0 = ignore, 1 = keep) or use heatmaps_format='dense'")
         out.update(window_channel=channel.astype(np.int32), window_first=first,
                    window_length=length, window_gauss=gauss, ignore_mask=ignore,
-                   bg_weight=np.array(bg_weight, np.float32))  # fmt: skip
+                   bg_weight=np.array(bg_weight, np.float32))
     else:
         hw = height * width
         heat = np.zeros((k + p) * hw + 1, dtype=np.float32)
@@ -346,7 +345,7 @@ def encode_targets(
         if mask is not None:
             loss_mask *= mask
         out.update(heatmaps=heat[:k], heatmap_mask=loss_mask[:k], part_heatmaps=heat[k:],
-                   part_mask=loss_mask[k:])  # fmt: skip
+                   part_mask=loss_mask[k:])
 
     at_pair, offset_xy, offset_w = _offset_claims(
         kp, ar, valid, cn, cp, center_xy, k, height, width, radius
@@ -384,7 +383,7 @@ def _offset_claims(
     rank = np.lexsort((cn, ar[cn]))
     cn, cp, center_xy = cn[rank], cp[rank], center_xy[rank]
     side = np.arange(2 * radius)
-    corner = np.trunc(center_xy).astype(np.int64) - radius  # (C, 2), int() of the SPEC
+    corner = np.trunc(center_xy).astype(np.int64) - radius  # (C, 2), int() of algorithm.md 2.4
     ci = corner[:, 0:1] + side  # (C, 2r) cell columns
     cj = corner[:, 1:2] + side  # (C, 2r) cell rows
     claim = (
@@ -453,7 +452,7 @@ class PINetTargetCodec:
         size = self.output_size
         size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
         if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"{_WHERE}: output_size must be (H, W) > 0, got {self.output_size}")
+            raise ValueError(f"output_size must be (H, W) > 0, got {self.output_size}")
         object.__setattr__(self, "output_size", size)
         _check_settings(self.sigma, self.radius, self.bg_weight, self.window_sigmas,
                         self.window_margin, self.offsets_format, self.heatmaps_format)
@@ -506,7 +505,7 @@ def render_windows(channel: Tensor, first: Tensor, length: Tensor, gauss: Tensor
     rows = (channel[:, None] * h + first[:, 1, None] + steps) * w
     dump = c * h * w  # cells outside a window go to one extra slot, dropped at the end
     flat = torch.where(inside[:, 1, :, None] & inside[:, 0, None, :],
-                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)  # fmt: skip
+                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)
     values = (gauss[:, 1, :, None] * gauss[:, 0, None, :]).reshape(-1)  # float32 as numpy's
     heat = torch.zeros(dump + 1, dtype=torch.float32, device=gauss.device)
     heat.scatter_reduce_(0, flat, values.float(), reduce="amax")  # max: order-independent
@@ -529,7 +528,7 @@ def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return {key: batch[key] for key in HEATMAP_KEYS}
     missing = [key for key in WINDOW_KEYS if key not in batch]
     if missing:
-        raise KeyError(f"targets.py: the batch has neither the dense heatmap targets "
+        raise KeyError(f"the batch has neither the dense heatmap targets "
                        f"{list(HEATMAP_KEYS)} nor the Gaussian windows (lacks {missing}); "
                        "build it with encode_targets and datamodule.train_collate")
     k, p, h, w = (int(v) for v in batch["target_shape"])
@@ -537,7 +536,7 @@ def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
     b = ignore.shape[0]
     heat, window = render_windows(batch["window_channel"], batch["window_first"],
                                   batch["window_length"], batch["window_gauss"],
-                                  (b * (k + p), h, w))  # fmt: skip
+                                  (b * (k + p), h, w))
     heat, window = heat.view(b, k + p, h, w), window.view(b, k + p, h, w)
     # Loss weight 1 in a window, the background weight elsewhere, times the ignore mask.
     background = batch["bg_weight"].float().view(b, 1, 1, 1)
@@ -568,7 +567,7 @@ class OmegaBatch:
         """The Omega entries of a batch from ``train_collate`` (``omega_*`` keys)."""
         missing = [key for key in OMEGA_KEYS if key not in batch]
         if missing:
-            raise KeyError(f"targets.py: the batch has neither the dense offset targets "
+            raise KeyError(f"the batch has neither the dense offset targets "
                            f"['offsets', 'offset_weights'] nor Omega (lacks {missing}); build "
                            "it with encode_targets and datamodule.train_collate")
         k, p, h, w = (int(v) for v in batch["target_shape"])

@@ -39,7 +39,7 @@ def to_hwc_uint8(image: Any) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"visualize.py: expected an (H, W, 3) or (3, H, W) image, got shape "
+        raise ValueError(f"expected an (H, W, 3) or (3, H, W) image, got shape "
                          f"{image.shape}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
@@ -79,7 +79,7 @@ def draw_poses(
     if poses.size == 0:
         return canvas
     if poses.ndim != 3 or poses.shape[1:] != (layout.num_keypoints, 3):
-        raise ValueError(f"visualize.py: poses must be (F, {layout.num_keypoints}, 3) for "
+        raise ValueError(f"poses must be (F, {layout.num_keypoints}, 3) for "
                          f"layout '{layout.name}', got {poses.shape}")
     n = poses.shape[0]
     order = np.arange(n)
@@ -88,7 +88,7 @@ def draw_poses(
             scores = scores.detach().cpu().numpy()
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if scores.shape[0] != n:
-            raise ValueError(f"visualize.py: {n} poses but {scores.shape[0]} scores")
+            raise ValueError(f"{n} poses but {scores.shape[0]} scores")
         order = np.argsort(scores, kind="stable")
         order = order[scores[order] >= min_score]
     colors = person_colors(n) if colors is None else np.asarray(colors, dtype=np.uint8)
@@ -129,7 +129,7 @@ def make_grid(images: Sequence[Any], columns: int | None = None, cell_size: int 
     """
     tiles = [to_hwc_uint8(im) for im in images]
     if not tiles:
-        raise ValueError("visualize.py: make_grid needs at least one image")
+        raise ValueError("make_grid needs at least one image")
     n = len(tiles)
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
@@ -154,7 +154,7 @@ def save_image(path: str | Path, image: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(to_hwc_uint8(image), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"visualize.py: could not write {path} (unknown suffix or no access)")
+        raise OSError(f"could not write {path} (unknown suffix or no access)")
     return path
 
 

@@ -74,10 +74,6 @@ def register_job(task: str, config: str | Path, overrides: Sequence[str] = ()) -
     _JOB = ChildJob(task, Path(config).resolve(), list(overrides))
 
 
-def current_job() -> ChildJob | None:
-    return _JOB
-
-
 def is_ddp_child() -> bool:
     """True in a child rank started by :class:`ConfigScriptLauncher`."""
     return os.environ.get(CHILD_ENV) == "1"
@@ -91,7 +87,7 @@ class ConfigScriptLauncher(_SubprocessScriptLauncher):
     """
 
     def _call_children_scripts(self) -> None:
-        job = current_job()
+        job = _JOB
         if job is None:
             super()._call_children_scripts()
             return
@@ -165,7 +161,7 @@ def ddp_job_scope() -> Iterator[None]:
 def _load_task(spec: str) -> Any:
     module_name, _, func = spec.partition(":")
     if not func:
-        raise ValueError(f"cli/ddp.py: task must be 'module:function', got '{spec}'")
+        raise ValueError(f"task must be 'module:function', got '{spec}'")
     return getattr(importlib.import_module(module_name), func)
 
 

@@ -1,4 +1,4 @@
-"""The PINet network (SPEC 3): backbone -> PPG heads, plus the Pose Refinement graph
+"""The PINet network (algorithm.md 3): backbone -> PPG heads, plus the Pose Refinement graph
 network, and a plain-torch save/load (state dict + constructor config, no Lightning)."""
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class PINet(nn.Module):
         refine_layers: L residual graph blocks in PR (3 CrowdPose, 2 COCO/OCHuman).
         feature_channels: if set, a 1x1 conv + BN + ReLU projects the concatenated backbone
             features to this width before the heads and PR (None: use them as they are,
-            SPEC).
-        head_init_std: the PPG convolutions start normal(0, this) with zero biases (SPEC 3).
+            algorithm.md 3).
+        head_init_std: the PPG convolutions start normal(0, this) with zero biases (algorithm.md 3).
         convention: the cell/pixel convention the network is trained under (``cell_center``,
             ours; ``published`` for the authors' weights, see
             :mod:`pinet_lightning.conventions`): decoding and the refinement follow it.
@@ -89,7 +89,7 @@ class PINet(nn.Module):
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 or float 0..255 (B, 3, H, W) -> ImageNet-normalized float."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"model.py: images must be (B, 3, H, W) RGB, got "
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got "
                              f"{tuple(images.shape)}")
         return (images.float() - self.pixel_mean) / self.pixel_std
 
@@ -98,7 +98,7 @@ class PINet(nn.Module):
         heatmaps (B, K, h, w), part_heatmaps (B, P, h, w), offsets (B, P*K*2, h, w)."""
         h, w = images.shape[-2:]
         if h % 32 or w % 32:
-            raise ValueError(f"model.py: input size {h}x{w} must be a multiple of 32 "
+            raise ValueError(f"input size {h}x{w} must be a multiple of 32 "
                              "(inference_resize rounds up to 64)")
         features = self.neck(self.backbone(self.normalize(images)))
         heatmaps, part_heatmaps, offsets = self.heads(features)
@@ -115,7 +115,7 @@ class PINet(nn.Module):
 def _unwrap(model: nn.Module) -> PINet:
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, PINet):
-        raise TypeError(f"model.py: save_model expects a PINet, got {type(model).__name__}")
+        raise TypeError(f"save_model expects a PINet, got {type(model).__name__}")
     return model
 
 
@@ -139,7 +139,7 @@ def network_from_blob(blob: Mapping[str, Any], source: str | Path = "<memory>") 
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise RuntimeError(f"model.py: the weights in '{source}' do not fit the saved config "
+        raise RuntimeError(f"the weights in '{source}' do not fit the saved config "
                            f"{ {k: v for k, v in config.items() if k != 'layout'} }: {err}"
                            ) from err
     net.extra = dict(blob.get("extra") or {})
@@ -155,9 +155,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.py: no model file at '{path}'")
+        raise FileNotFoundError(f"no model file at '{path}'")
     blob = load_file(path, trust_checkpoint)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"model.py: '{path}' is not a file written by save_model; for a "
+        raise ValueError(f"'{path}' is not a file written by save_model; for a "
                          "Lightning checkpoint use Predictor.from_checkpoint")
     return network_from_blob(blob, path).to(map_location)

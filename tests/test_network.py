@@ -10,11 +10,10 @@ import torch
 
 from pinet_lightning.layouts import get_layout
 from pinet_lightning.losses import PINetLoss
-from pinet_lightning.model import PINet, load_model, save_model
+from pinet_lightning.network import PINet, load_model, save_model
+from pinet_lightning.targets import TARGET_KEYS
 
 SMALL = "hrnet_w18_small"
-TARGET_KEYS = ("heatmaps", "heatmap_mask", "part_heatmaps", "part_mask", "offsets",
-               "offset_weights")
 
 
 @pytest.fixture(scope="module")
