@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +197,9 @@ class _Problems:
         self.rows: dict[tuple[str, str], np.ndarray] = {}
 
     def add(self, kind: str, problem: str, mask: np.ndarray) -> None:
-        rows = np.flatnonzero(mask)
+        self.add_rows(kind, problem, np.flatnonzero(mask))
+
+    def add_rows(self, kind: str, problem: str, rows: np.ndarray) -> None:
         if rows.size:
             old = self.rows.get((kind, problem))
             self.rows[(kind, problem)] = rows if old is None else np.union1d(old, rows)
@@ -251,11 +253,70 @@ def validate_coco_keypoints(
     source = str(source)
     images, anns, categories = _structure(data, source)
     person = _person_category(categories, source)
-    person_id = person["id"]
-    cat_ids = {c["id"] for c in categories}
     problems = _Problems()
+    img = _check_images(images, problems)
+    ann = _check_annotations(anns, categories, person["id"], img.known, problems)
+    fields = _check_person_fields(ann, person, num_keypoints, source, count_hint, problems)
+    problems.add("annotation", "'image_id' not in 'images'", ann.is_person & ~ann.image_known)
 
-    # ---------------------------------------------------------------- images
+    if problems.rows and not skip_invalid:
+        files = [im.get("file_name") if isinstance(im.get("file_name"), str) else None
+                 for im in img.records]
+        raise AnnotationError(_error_text(source, problems, (img.ids, img.id_ok, files),
+                                          (ann.ids, ann.id_ok, None)))
+    report = ValidationReport(source, fields.k, person["id"])
+    keep_img, keep_sel = _keep(problems, img, ann, report)
+    kept_images = [images[i] for i in keep_img]
+    out_anns = _cleaned_annotations(anns, ann.sel, keep_sel, fields, report)
+
+    report.num_images = len(kept_images)
+    report.num_annotations = len(out_anns)
+    report.other_category_annotations = int((ann.cat_known & ~ann.is_person).sum())
+    _log_report(report, ann.cats, categories, ann.is_person, ann.cat_known)
+    clean = {key: value for key, value in data.items()
+             if key not in ("images", "annotations", "categories")}
+    clean.update(images=kept_images, annotations=out_anns, categories=[person])
+    return clean, report
+
+
+@dataclass
+class _Images:
+    """The image records (non-dicts read as empty) and their ids."""
+
+    records: list[dict]
+    ids: np.ndarray
+    id_ok: np.ndarray
+    known: np.ndarray  # the distinct integer ids
+
+
+@dataclass
+class _Annotations:
+    """The annotation records (non-dicts read as empty), their ids, categories and images."""
+
+    records: list[dict]
+    ids: np.ndarray
+    id_ok: np.ndarray
+    cats: list
+    cat_known: np.ndarray
+    is_person: np.ndarray
+    image_ids: np.ndarray
+    image_known: np.ndarray
+    sel: np.ndarray  # the rows of the person annotations, the only ones read further
+
+
+@dataclass
+class _PersonFields:
+    """The person annotations' keypoints and what is filled in (rows: positions in ``sel``)."""
+
+    k: int | None
+    rows: np.ndarray
+    labelled: np.ndarray
+    no_kp: np.ndarray
+    derive: np.ndarray
+
+
+def _check_images(images: list, problems: _Problems) -> _Images:
+    """Check the images' ids (integer, unique) and file names."""
     m = len(images)
     img = [im if isinstance(im, dict) else {} for im in images]
     img_ids, img_id_ok = _int_ids([im.get("id") for im in img])
@@ -267,9 +328,12 @@ def validate_coco_keypoints(
     duplicated = uniq[counts > 1]
     problems.add("image", "duplicate image id (ids must be unique: renumber them)",
                  img_id_ok & np.isin(img_ids, duplicated))
-    known_images = uniq
+    return _Images(img, img_ids, img_id_ok, uniq)
 
-    # ---------------------------------------------------------------- annotations
+
+def _check_annotations(anns: list, categories: list, person_id: int, known_images: np.ndarray,
+                       problems: _Problems) -> _Annotations:
+    """Check the annotations' ids (integer, unique) and categories; find their images."""
     n = len(anns)
     get = [a if isinstance(a, dict) else {} for a in anns]
     ann_ids, ann_id_ok = _int_ids([a.get("id") for a in get])
@@ -277,57 +341,36 @@ def validate_coco_keypoints(
     uniq, counts = np.unique(ann_ids[ann_id_ok], return_counts=True)
     problems.add("annotation", "duplicate annotation id (ids must be unique)",
                  ann_id_ok & np.isin(ann_ids, uniq[counts > 1]))
+    cat_ids = {c["id"] for c in categories}
     cats = [a.get("category_id") for a in get]
     cat_known = np.fromiter((type(c) is int and c in cat_ids for c in cats), bool, n)
     is_person = np.fromiter((type(c) is int and c == person_id for c in cats), bool, n)
     problems.add("annotation", "'category_id' not in 'categories'", ~cat_known)
     ann_img, ann_img_ok = _int_ids([a.get("image_id") for a in get])
     img_known = ann_img_ok & np.isin(ann_img, known_images)
-    unknown_image = is_person & ~img_known
+    return _Annotations(get, ann_ids, ann_id_ok, cats, cat_known, is_person, ann_img,
+                        img_known, np.flatnonzero(is_person))
 
-    # fields of the person annotations (other categories are dropped unread)
-    sel = np.flatnonzero(is_person)
-    kp_values = [get[i].get("keypoints") for i in sel]
-    kp_len = np.fromiter((len(v) if isinstance(v, (list, tuple)) else -1 for v in kp_values),
-                         np.int64, len(sel))
-    k_file = _file_keypoints(person, kp_len)
-    if num_keypoints is not None and k_file is not None and k_file != num_keypoints:
-        common = kp_len[(kp_len > 0) & (kp_len % 3 == 0)] // 3
-        said = ", ".join(f"{c} ({cnt} annotations)" for c, cnt in
-                         Counter(common.tolist()).most_common(3))
-        raise AnnotationError(
-            f"{source}: the file has {k_file} keypoints (person category list; annotations: "
-            f"{said or 'none'}) but {num_keypoints} are expected. {count_hint}".rstrip()
-        )
-    k = num_keypoints if num_keypoints is not None else k_file
-    full = np.zeros(n, bool)
+
+def _check_person_fields(ann: _Annotations, person: dict, num_keypoints: int | None,
+                         source: str, count_hint: str, problems: _Problems) -> _PersonFields:
+    """Check the person annotations' fields (other categories are dropped unread)."""
+    sel = ann.sel
+    values = [ann.records[i] for i in sel]
 
     def add(problem: str, bad_sel: np.ndarray) -> None:
-        full[:] = False
-        full[sel[bad_sel]] = True
-        problems.add("annotation", problem, full)
+        problems.add_rows("annotation", problem, sel[bad_sel])
 
-    crowd, crowd_given = _scalars([get[i].get("iscrowd") for i in sel])
+    kp_values = [a.get("keypoints") for a in values]
+    k = _expected_keypoints(person, kp_values, num_keypoints, source, count_hint)
+    crowd, crowd_given = _scalars([a.get("iscrowd") for a in values])
     add("'iscrowd' other than 0 or 1", crowd_given & ~np.isin(crowd, (0.0, 1.0)))
     # a crowd region may come without keypoints: it has none (zeros are filled in)
     no_kp = np.fromiter((v is None for v in kp_values), bool, len(sel)) & (crowd == 1)
-    if k is None:  # no category keypoint list and no annotation with keypoints
-        rows = np.zeros((len(sel), 0))
-        add("no 'keypoints' list", ~no_kp)
-    else:
-        rows, shape_ok, numeric = number_rows(kp_values, 3 * k)
-        rows[no_kp] = 0.0
-        shape_ok |= no_kp
-        numeric |= no_kp
-        add(f"'keypoints' not a list of {3 * k} values (3 x {k} keypoints)", ~shape_ok)
-        add("'keypoints' values null or not numbers", shape_ok & ~numeric)
-        finite = np.isfinite(rows).all(1)
-        add("'keypoints' values NaN or infinite", numeric & ~finite)
-        vis_ok = np.isin(rows[:, 2::3], (0.0, 1.0, 2.0)).all(1)
-        add("keypoint visibility flags other than 0, 1, 2", numeric & finite & ~vis_ok)
+    rows = _check_keypoint_rows(kp_values, no_kp, k, add)
     labelled = rows[:, 2::3] > 0
 
-    box_values = [get[i].get("bbox") for i in sel]
+    box_values = [a.get("bbox") for a in values]
     box_given = np.fromiter((v is not None for v in box_values), bool, len(sel))
     boxes, _, box_num = number_rows(box_values, 4)
     box_ok = box_num & np.isfinite(boxes).all(1) & (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0)
@@ -337,61 +380,90 @@ def validate_coco_keypoints(
     add("no 'bbox' and no labelled keypoint to derive one from",
         derive & ~labelled.any(1))
     for key in ("num_keypoints", "area"):
-        value, given = _scalars([get[i].get(key) for i in sel])
+        value, given = _scalars([a.get(key) for a in values])
         add(f"'{key}' not a finite number >= 0",
             given & ~(np.isfinite(value) & (value >= 0)))
-    problems.add("annotation", "'image_id' not in 'images'", unknown_image)
+    return _PersonFields(k, rows, labelled, no_kp, derive)
 
-    # ---------------------------------------------------------------- decide
-    if problems.rows and not skip_invalid:
-        files = [im.get("file_name") if isinstance(im.get("file_name"), str) else None
-                 for im in img]
-        raise AnnotationError(_error_text(source, problems, (img_ids, img_id_ok, files),
-                                          (ann_ids, ann_id_ok, None)))
-    report = ValidationReport(source, k, person_id)
+
+def _expected_keypoints(person: dict, kp_values: list, num_keypoints: int | None,
+                        source: str, count_hint: str) -> int | None:
+    """K: the expected count, or else the file's; an error when the two differ."""
+    kp_len = np.fromiter((len(v) if isinstance(v, (list, tuple)) else -1 for v in kp_values),
+                         np.int64, len(kp_values))
+    k_file = _file_keypoints(person, kp_len)
+    if num_keypoints is not None and k_file is not None and k_file != num_keypoints:
+        common = kp_len[(kp_len > 0) & (kp_len % 3 == 0)] // 3
+        said = ", ".join(f"{c} ({cnt} annotations)" for c, cnt in
+                         Counter(common.tolist()).most_common(3))
+        raise AnnotationError(
+            f"{source}: the file has {k_file} keypoints (person category list; annotations: "
+            f"{said or 'none'}) but {num_keypoints} are expected. {count_hint}".rstrip()
+        )
+    return num_keypoints if num_keypoints is not None else k_file
+
+
+def _check_keypoint_rows(kp_values: list, no_kp: np.ndarray, k: int | None,
+                         add: Callable[[str, np.ndarray], None]) -> np.ndarray:
+    """Check the ``keypoints`` lists; their (N, 3K) rows, zeros where a crowd region has none."""
+    if k is None:  # no category keypoint list and no annotation with keypoints
+        add("no 'keypoints' list", ~no_kp)
+        return np.zeros((len(kp_values), 0))
+    rows, shape_ok, numeric = number_rows(kp_values, 3 * k)
+    rows[no_kp] = 0.0
+    shape_ok |= no_kp
+    numeric |= no_kp
+    add(f"'keypoints' not a list of {3 * k} values (3 x {k} keypoints)", ~shape_ok)
+    add("'keypoints' values null or not numbers", shape_ok & ~numeric)
+    finite = np.isfinite(rows).all(1)
+    add("'keypoints' values NaN or infinite", numeric & ~finite)
+    vis_ok = np.isin(rows[:, 2::3], (0.0, 1.0, 2.0)).all(1)
+    add("keypoint visibility flags other than 0, 1, 2", numeric & finite & ~vis_ok)
+    return rows
+
+
+def _keep(problems: _Problems, img: _Images, ann: _Annotations,
+          report: ValidationReport) -> tuple[np.ndarray, np.ndarray]:
+    """Report the skipped records; (the kept image rows, which person annotations are kept)."""
     for (kind, problem), bad_rows in problems.rows.items():
         target = report.skipped_images if kind == "image" else report.skipped_annotations
-        target[problem] = (_labels(bad_rows, img_ids, img_id_ok, "image") if kind == "image"
-                           else _labels(bad_rows, ann_ids, ann_id_ok, "annotation"))
+        target[problem] = (_labels(bad_rows, img.ids, img.id_ok, "image") if kind == "image"
+                           else _labels(bad_rows, ann.ids, ann.id_ok, "annotation"))
     # An image holding an invalid annotation is dropped whole: a person left out would be
     # trained on (and evaluated) as background.
-    bad_ann = problems.mask("annotation", n)
-    bad_img = problems.mask("image", m)
-    holding = np.setdiff1d(ann_img[bad_ann & img_known], img_ids[bad_img])
+    bad_ann = problems.mask("annotation", len(ann.ids))
+    bad_img = problems.mask("image", len(img.ids))
+    holding = np.setdiff1d(ann.image_ids[bad_ann & ann.image_known], img.ids[bad_img])
     if holding.size:
         report.skipped_images["holding an invalid annotation (listed below)"] = \
             holding.tolist()
-    keep_img = ~bad_img & ~np.isin(img_ids, holding)
-    kept_ids = img_ids[keep_img]
-    kept_images = [images[i] for i in np.flatnonzero(keep_img)]
-    keep_sel = ~bad_ann[sel] & np.isin(ann_img[sel], kept_ids)
+    keep_img = ~bad_img & ~np.isin(img.ids, holding)
+    keep_sel = ~bad_ann[ann.sel] & np.isin(ann.image_ids[ann.sel], img.ids[keep_img])
+    return np.flatnonzero(keep_img), keep_sel
 
+
+def _cleaned_annotations(anns: list, sel: np.ndarray, keep_sel: np.ndarray,
+                         fields: _PersonFields, report: ValidationReport) -> list[dict]:
+    """The kept person annotations (copies where a field is filled in, counted in the report)."""
+    rows, labelled = fields.rows, fields.labelled
     out_anns = []
     for j in np.flatnonzero(keep_sel):
         ann = anns[sel[j]]
         changes: dict[str, Any] = {}
-        if derive[j]:
+        if fields.derive[j]:
             xy = rows[j].reshape(-1, 3)[labelled[j], :2]
             lo, hi = xy.min(0), xy.max(0)
             changes["bbox"] = [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]),
                                float(hi[1] - lo[1])]
             report.derived_boxes.append(ann["id"])
-        if no_kp[j] and rows.shape[1]:
+        if fields.no_kp[j] and rows.shape[1]:
             changes["keypoints"] = [0] * rows.shape[1]
             report.zero_keypoints += 1
         if "num_keypoints" not in ann:
             changes["num_keypoints"] = int(labelled[j].sum())
             report.derived_num_keypoints += 1
         out_anns.append({**ann, **changes} if changes else ann)
-
-    report.num_images = len(kept_images)
-    report.num_annotations = len(out_anns)
-    report.other_category_annotations = int((cat_known & ~is_person).sum())
-    _log_report(report, cats, categories, is_person, cat_known)
-    clean = {key: value for key, value in data.items()
-             if key not in ("images", "annotations", "categories")}
-    clean.update(images=kept_images, annotations=out_anns, categories=[person])
-    return clean, report
+    return out_anns
 
 
 def _error_text(source: str, problems: _Problems, images: tuple, annotations: tuple) -> str:

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -29,6 +29,10 @@ from omegaconf import DictConfig
 from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.run import load_inference_net, save_config, setup_threads
 from pinet_lightning.config import to_plain
+
+if TYPE_CHECKING:
+    from pinet_lightning.layouts import Layout
+    from pinet_lightning.predictor import Person, Predictor
 
 __all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
 
@@ -90,11 +94,21 @@ def _video_fps(path: Path) -> float:
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the predictor over ``cfg.input``; returns a summary (counts and paths)."""
-    import cv2
-
-    from pinet_lightning.visualize import draw_poses, save_image
-
     setup_threads(cfg)
+    source, single_image, is_video = _input_source(cfg)
+    out_dir = _output_dir(cfg)
+    predictor = _load_predictor(cfg, source)
+    if is_video:
+        items = _video_items(source, cfg.get("max_frames"))
+    else:
+        items = _image_items([source] if single_image else _image_files(source))
+    outputs = _Outputs(cfg, out_dir, source, is_video, predictor.layout)
+    _run_predictor(predictor, items, outputs)
+    return outputs.summary()
+
+
+def _input_source(cfg: DictConfig) -> tuple[Path, bool, bool]:
+    """``cfg.input`` as (path, a single image, a video); an error when it does not exist."""
     source = Path(str(cfg.input)).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"pinet-predict: input={cfg.input} does not exist (a folder of "
@@ -104,10 +118,19 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if is_video and source.suffix.lower() not in VIDEO_SUFFIXES:
         log.warning("%s: not a known video suffix %s; trying OpenCV anyway", source,
                     VIDEO_SUFFIXES)
+    return source, single_image, is_video
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """The output folder (``output_dir``, else the run directory), created, with the config."""
     out_dir = Path(str(cfg.get("output_dir") or cfg.paths.output_dir)).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "predict_config.yaml")
+    return out_dir
 
+
+def _load_predictor(cfg: DictConfig, source: Path) -> Predictor:
+    """The predictor for ``cfg.ckpt_path`` with the run's device, size, batch and decoding."""
     # input_size null: the size the network was trained at (model.pt or the run's config)
     predictor = load_inference_net(cfg.ckpt_path, device=str(cfg.get("device", "auto")),
                                    input_size=cfg.get("input_size"),
@@ -116,52 +139,23 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                                    **to_plain(cfg.decode))
     log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
              predictor.device)
+    return predictor
 
-    if is_video:
-        items = _video_items(source, cfg.get("max_frames"))
-    else:
-        items = _image_items([source] if single_image else _image_files(source))
-    drawn_dir = out_dir / ("frames" if is_video else "images")
-    writer = None
-    video_path = out_dir / f"{source.stem}_poses.mp4"
-    results: list[dict] = []
-    image_ids: list[dict] = []
-    unreadable: list[dict] = []
+
+def _run_predictor(predictor: Predictor, items: Iterator[Item], outputs: _Outputs) -> None:
+    """Predict batch by batch, skipping unreadable images; outputs written whatever happens."""
     batch: list[tuple[str, np.ndarray]] = []
 
     def flush() -> None:
-        nonlocal writer
         people_per_image = predictor.predict([im for _, im in batch])
         for (name, image), people in zip(batch, people_per_image, strict=True):
-            image_id = len(image_ids) + 1
-            image_ids.append({"id": image_id, "file_name": name,
-                              "height": int(image.shape[0]), "width": int(image.shape[1])})
-            for person in people:
-                results.append({"image_id": image_id, "category_id": 1,
-                                "keypoints": [round(float(v), 3)
-                                              for v in person.keypoints.reshape(-1)],
-                                "score": float(person.score)})
-            if not cfg.get("draw", True):
-                continue
-            poses = (np.stack([p.keypoints for p in people]) if people
-                     else np.zeros((0, predictor.layout.num_keypoints, 3)))
-            scores = np.array([p.score for p in people])
-            canvas = draw_poses(image, poses, predictor.layout, scores,
-                                threshold=float(cfg.threshold), min_score=float(cfg.min_score))
-            save_image(drawn_dir / name, canvas)
-            if is_video and cfg.get("write_video", True):
-                if writer is None:
-                    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                             _video_fps(source),
-                                             (canvas.shape[1], canvas.shape[0]))
-                writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+            outputs.add(name, image, people)
         batch.clear()
 
     try:
         for name, item in items:
             if isinstance(item, Exception):  # reported at the end; the others go on
-                log.warning("skipping %s: %s", name, item)
-                unreadable.append({"file_name": name, "error": str(item)})
+                outputs.skip(name, item)
                 continue
             batch.append((name, item))
             if len(batch) >= predictor.batch_size:
@@ -170,23 +164,87 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             flush()
     finally:
         # whatever happened, the results of the images read so far are written
-        if writer is not None:
-            writer.release()
-        (out_dir / "results.json").write_text(json.dumps(results))
-        (out_dir / "image_ids.json").write_text(json.dumps(image_ids, indent=1))
+        outputs.close()
+
+
+class _Outputs:
+    """What a run writes: COCO results, the image list, unreadable inputs, drawn pictures."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, source: Path, is_video: bool,
+                 layout: Layout) -> None:
+        self.cfg, self.out_dir, self.source, self.is_video = cfg, out_dir, source, is_video
+        self.layout = layout
+        self.drawn_dir = out_dir / ("frames" if is_video else "images")
+        self.video_path = out_dir / f"{source.stem}_poses.mp4"
+        self.writer: Any = None
+        self.results: list[dict] = []
+        self.image_ids: list[dict] = []
+        self.unreadable: list[dict] = []
+
+    def skip(self, name: str, err: Exception) -> None:
+        """Note an image that could not be read."""
+        log.warning("skipping %s: %s", name, err)
+        self.unreadable.append({"file_name": name, "error": str(err)})
+
+    def add(self, name: str, image: np.ndarray, people: list[Person]) -> None:
+        """Record one image's poses and draw them (a picture, a video frame)."""
+        image_id = len(self.image_ids) + 1
+        self.image_ids.append({"id": image_id, "file_name": name,
+                               "height": int(image.shape[0]), "width": int(image.shape[1])})
+        for person in people:
+            self.results.append({"image_id": image_id, "category_id": 1,
+                                 "keypoints": [round(float(v), 3)
+                                               for v in person.keypoints.reshape(-1)],
+                                 "score": float(person.score)})
+        if self.cfg.get("draw", True):
+            self._draw(name, image, people)
+
+    def _draw(self, name: str, image: np.ndarray, people: list[Person]) -> None:
+        """Save the image with the skeletons drawn; append it to the video for a video."""
+        import cv2
+
+        from pinet_lightning.visualize import draw_poses, save_image
+
+        cfg = self.cfg
+        poses = (np.stack([p.keypoints for p in people]) if people
+                 else np.zeros((0, self.layout.num_keypoints, 3)))
+        scores = np.array([p.score for p in people])
+        canvas = draw_poses(image, poses, self.layout, scores,
+                            threshold=float(cfg.threshold), min_score=float(cfg.min_score))
+        save_image(self.drawn_dir / name, canvas)
+        if self.is_video and cfg.get("write_video", True):
+            if self.writer is None:
+                self.writer = cv2.VideoWriter(str(self.video_path),
+                                              cv2.VideoWriter_fourcc(*"mp4v"),
+                                              _video_fps(self.source),
+                                              (canvas.shape[1], canvas.shape[0]))
+            self.writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        """Finish the video and write the JSON files."""
+        out_dir = self.out_dir
+        if self.writer is not None:
+            self.writer.release()
+        (out_dir / "results.json").write_text(json.dumps(self.results))
+        (out_dir / "image_ids.json").write_text(json.dumps(self.image_ids, indent=1))
+        if self.unreadable:
+            (out_dir / "unreadable.json").write_text(json.dumps(self.unreadable, indent=1))
+
+    def summary(self) -> dict[str, Any]:
+        """Log the counts; the summary (counts and paths)."""
+        out_dir, results, unreadable = self.out_dir, self.results, self.unreadable
+        summary = {"images": len(self.image_ids), "poses": len(results),
+                   "unreadable": len(unreadable),
+                   "results_json": str(out_dir / "results.json"), "output_dir": str(out_dir)}
+        if self.writer is not None:
+            summary["video"] = str(self.video_path)
+        log.info("%d %s, %d poses -> %s", len(self.image_ids),
+                 "frames" if self.is_video else "images", len(results), out_dir)
         if unreadable:
-            (out_dir / "unreadable.json").write_text(json.dumps(unreadable, indent=1))
-    summary = {"images": len(image_ids), "poses": len(results), "unreadable": len(unreadable),
-               "results_json": str(out_dir / "results.json"), "output_dir": str(out_dir)}
-    if writer is not None:
-        summary["video"] = str(video_path)
-    log.info("%d %s, %d poses -> %s", len(image_ids), "frames" if is_video else "images",
-             len(results), out_dir)
-    if unreadable:
-        log.warning("%d images could not be read (listed in %s): %s", len(unreadable),
-                    out_dir / "unreadable.json",
-                    "; ".join(f"{u['file_name']}: {u['error']}" for u in unreadable[:10]))
-    return summary
+            log.warning("%d images could not be read (listed in %s): %s", len(unreadable),
+                        out_dir / "unreadable.json",
+                        "; ".join(f"{u['file_name']}: {u['error']}" for u in unreadable[:10]))
+        return summary
 
 
 def main() -> None:
