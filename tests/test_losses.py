@@ -194,3 +194,80 @@ def test_bf16_outputs_give_float32_losses():
     outputs = {k: v.detach().to(torch.bfloat16) for k, v in outputs.items()}
     losses = PINetLoss()(outputs, targets, ZeroRefineNet(0.0))
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+# The refine loss with a non-zero refinement correction: refined offset = coarse offset +
+# correction. A correction that exactly undoes the coarse error gives zero loss, the
+# opposite sign doubles the error, and the gradient points the right way.
+ERROR = 0.5  # coarse offsets = target - ERROR on every weighted entry
+# Every weighted entry has the same error, so a loss is smooth_l1(error) times the mean
+# weight of the weighted entries: (0.1 + 0.2) / 2 (both images have 4 cells x K x 2).
+MEAN_WEIGHT = 0.15
+
+
+def _coarse_error_batch():
+    outputs, targets = _batch()
+    error = ERROR * (targets["offset_weights"] > 0)
+    outputs["offsets"] = (targets["offsets"] - error).requires_grad_()
+    return outputs, targets
+
+
+def _sl1(d: float) -> float:
+    d = abs(d)
+    return 0.5 * d * d / BETA if d < BETA else d - 0.5 * BETA
+
+
+@pytest.mark.parametrize(("correction", "residual"),
+                         [(ERROR, 0.0), (0.0, -ERROR), (2 * ERROR, ERROR), (-ERROR, -2 * ERROR)])
+def test_refine_loss_of_a_known_correction(correction, residual):
+    outputs, targets = _coarse_error_batch()
+    losses = PINetLoss()(outputs, targets, ZeroRefineNet(correction))
+    assert float(losses["refine"]) == pytest.approx(MEAN_WEIGHT * _sl1(residual), abs=1e-6)
+    assert float(losses["offset"]) == pytest.approx(MEAN_WEIGHT * _sl1(ERROR), abs=1e-6)
+    assert float(losses["heatmap"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(losses["loss"].detach()) == pytest.approx(
+        0.03 * float(losses["offset"]) + 0.03 * float(losses["refine"]), abs=1e-7)
+
+
+def test_refine_gradient_moves_the_correction_toward_the_error():
+    outputs, targets = _coarse_error_batch()
+    net = ZeroRefineNet(0.0)
+    PINetLoss()(outputs, targets, net)["loss"].backward()
+    # d loss / d correction = 0.03 * mean weight * smooth_l1'(-ERROR) = 0.03 * 0.15 * (-1)
+    assert float(net.scale.grad) == pytest.approx(-0.03 * MEAN_WEIGHT, rel=1e-5)
+
+
+def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
+    from pinet_lightning.losses import HeatmapLoss, weighted_smooth_l1
+
+    pred = torch.tensor([0.5, 2.0, 7.0])
+    target = torch.zeros(3)
+    one = weighted_smooth_l1(pred, target, torch.tensor([0.0, 0.5, 0.0]), BETA)
+    assert float(one) == pytest.approx(0.5 * (2.0 - 0.5 * BETA))  # one weighted entry: / 1
+    none = weighted_smooth_l1(pred, target, torch.zeros(3), BETA)
+    assert float(none) == 0.0
+    # Heatmap loss: squared error (sign-free) times the mask, one mean over both map kinds.
+    heat = torch.tensor([[[[-0.5, 1.0]]]])
+    parts = torch.tensor([[[[0.25, -2.0]]]])
+    targets = {"heatmaps": torch.zeros(1, 1, 1, 2), "part_heatmaps": torch.zeros(1, 1, 1, 2),
+               "heatmap_mask": torch.tensor([[[[1.0, 0.1]]]]),
+               "part_mask": torch.ones(1, 1, 1, 2)}
+    want = (0.25 * 1.0 + 1.0 * 0.1 + 0.0625 + 4.0) / 4
+    assert float(HeatmapLoss()(heat, parts, targets)) == pytest.approx(want)
+
+
+def test_offset_loss_shape_errors_name_the_shapes():
+    from pinet_lightning.losses import OffsetLoss
+
+    with pytest.raises(ValueError, match=r"offsets \(1, 4, 2, 2\), targets "
+                                         r"\(1, 4, 2, 3\) and weights \(1, 4, 2, 2\) differ"):
+        OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"and weights \(1, 4, 2, 3\) differ"):
+        OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
+
+
+def test_the_proposal_cap_reaches_the_refinement():
+    outputs, targets = _batch()
+    net = ZeroRefineNet(0.0)
+    PINetLoss(proposals_per_part=3)(outputs, targets, net)
+    assert [len(call["poses"]) for call in net.calls] == [B * P * 3]
