@@ -185,65 +185,90 @@ def _panel(canvas: np.ndarray, box: tuple[int, int, int, int], title: str,
     axes, ticks, a legend; ``thin`` series are drawn faint under the ``series`` of the same
     name (raw step values under epoch means)."""
     x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 62, x1 - 12, y0 + 28, y1 - 30
-    cv2.putText(canvas, title, (left, y0 + 18), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    plot = (x0 + 62, y0 + 28, x1 - 12, y1 - 30)  # left, top, right, bottom
+    cv2.putText(canvas, title, (plot[0], y0 + 18), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     every = [np.asarray(v, float) for _, v in [*series.values(), *(thin or {}).values()]]
-    values = np.concatenate(every) if every else np.zeros(0)
-    values = values[np.isfinite(values) & ((values > 0) if log_y else True)]
-    if y_range is None:
-        lo, hi = (values.min(), values.max()) if len(values) else (0.1, 1.0)
-        if log_y:
-            # quarter decades around the values
-            lo, hi = 10 ** (np.floor(np.log10(lo) * 4) / 4), 10 ** (np.ceil(np.log10(hi) * 4) / 4)
-        elif hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-    else:
-        lo, hi = y_range
-    f = np.log10 if log_y else (lambda v: np.asarray(v, float))
-    flo, fhi = float(f(lo)), float(f(hi))
-    if fhi - flo < 1e-12:
-        fhi = flo + 1.0
-    x_max = max(float(x_max), 1.0)
+    lo, hi = y_range if y_range is not None else _y_limits(every, log_y)
+    to_px = _Axes(plot, max(float(x_max), 1.0), lo, hi, log_y)
+    _draw_axes(canvas, to_px, x0)
+    _draw_series(canvas, to_px, series, thin or {})
 
-    def to_px(xs: Any, ys: Any) -> np.ndarray:
+
+def _y_limits(values: list[np.ndarray], log_y: bool) -> tuple[float, float]:
+    """The y range of a panel: the values' range (quarter decades around them on a log axis),
+    widened when flat."""
+    flat = np.concatenate(values) if values else np.zeros(0)
+    flat = flat[np.isfinite(flat) & ((flat > 0) if log_y else True)]
+    lo, hi = (flat.min(), flat.max()) if len(flat) else (0.1, 1.0)
+    if log_y:
+        lo, hi = 10 ** (np.floor(np.log10(lo) * 4) / 4), 10 ** (np.ceil(np.log10(hi) * 4) / 4)
+    elif hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    return float(lo), float(hi)
+
+
+class _Axes:
+    """Data -> pixel mapping of one panel (``plot`` = left, top, right, bottom)."""
+
+    def __init__(self, plot: tuple[int, int, int, int], x_max: float, lo: float, hi: float,
+                 log_y: bool) -> None:
+        self.left, self.top, self.right, self.bottom = plot
+        self.x_max, self.lo, self.hi, self.log_y = x_max, lo, hi, log_y
+        self.f = np.log10 if log_y else (lambda v: np.asarray(v, float))
+        self.flo, self.fhi = float(self.f(lo)), float(self.f(hi))
+        if self.fhi - self.flo < 1e-12:
+            self.fhi = self.flo + 1.0
+
+    def __call__(self, xs: Any, ys: Any) -> np.ndarray:
         xs, ys = np.asarray(xs, float), np.asarray(ys, float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            fy = f(np.where(ys > 0, ys, np.nan)) if log_y else ys
-        px = left + xs / x_max * (right - left)
-        py = bottom - (fy - flo) / (fhi - flo) * (bottom - top)
+            fy = self.f(np.where(ys > 0, ys, np.nan)) if self.log_y else ys
+        px = self.left + xs / self.x_max * (self.right - self.left)
+        py = self.bottom - (fy - self.flo) / (self.fhi - self.flo) * (self.bottom - self.top)
         return np.stack([px, py], -1)
 
+    def y_ticks(self) -> np.ndarray:
+        """Decades (and 2, 5) on a log axis, nice steps on a linear one."""
+        lo, hi = self.lo, self.hi
+        if self.log_y:
+            decades = 10.0 ** np.arange(np.floor(self.flo), np.ceil(self.fhi) + 1)
+            ticks = (decades[:, None] * np.array([1.0, 2.0, 5.0])[None]).reshape(-1)
+            if len(ticks[(ticks >= lo) & (ticks <= hi)]) > 8:
+                ticks = decades
+        else:
+            step = _nice_step(hi - lo)
+            ticks = np.arange(np.ceil(lo / step) * step, hi + step / 2, step)
+        return ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
+
+
+def _draw_axes(canvas: np.ndarray, ax: _Axes, label_x: int) -> None:
+    """Grid lines, tick labels (y labels start at ``label_x``) and the frame."""
     grey, dark = (225, 225, 225), (60, 60, 60)
-    # y ticks: decades (and 2, 5) on a log axis, nice steps on a linear one
-    if log_y:
-        decades = 10.0 ** np.arange(np.floor(flo), np.ceil(fhi) + 1)
-        ticks = (decades[:, None] * np.array([1.0, 2.0, 5.0])[None]).reshape(-1)
-        if len(ticks[(ticks >= lo) & (ticks <= hi)]) > 8:
-            ticks = decades
-    else:
-        step = _nice_step(hi - lo)
-        ticks = np.arange(np.ceil(lo / step) * step, hi + step / 2, step)
-    ticks = ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
-    for t in ticks:
-        py = int(round(to_px([0.0], [t])[0, 1]))
+    left, top, right, bottom = ax.left, ax.top, ax.right, ax.bottom
+    for t in ax.y_ticks():
+        py = int(round(ax([0.0], [t])[0, 1]))
         cv2.line(canvas, (left, py), (right, py), grey, 1)
-        label = f"{t:.0e}" if log_y and (t < 1e-3 or t >= 1e4) else _tick_label(float(t))
-        cv2.putText(canvas, label, (x0 + 4, py + 4), _FONT, 0.38, dark, 1, cv2.LINE_AA)
-    x_step = _nice_step(x_max)
-    for t in np.arange(0.0, x_max + x_step / 2, x_step):
-        px = int(round(left + t / x_max * (right - left)))
+        label = f"{t:.0e}" if ax.log_y and (t < 1e-3 or t >= 1e4) else _tick_label(float(t))
+        cv2.putText(canvas, label, (label_x + 4, py + 4), _FONT, 0.38, dark, 1, cv2.LINE_AA)
+    x_step = _nice_step(ax.x_max)
+    for t in np.arange(0.0, ax.x_max + x_step / 2, x_step):
+        px = int(round(left + t / ax.x_max * (right - left)))
         cv2.line(canvas, (px, top), (px, bottom), grey, 1)
         cv2.putText(canvas, _tick_label(float(t)), (px - 10, bottom + 15), _FONT, 0.38, dark, 1,
                     cv2.LINE_AA)
     cv2.putText(canvas, "step", (right - 30, bottom + 27), _FONT, 0.4, dark, 1, cv2.LINE_AA)
     cv2.rectangle(canvas, (left, top), (right, bottom), dark, 1)
+
+
+def _draw_series(canvas: np.ndarray, ax: _Axes, series: Mapping[str, Series],
+                 thin: Mapping[str, Series]) -> None:
+    """Each series as a line with markers over its faint ``thin`` twin, and the legend."""
     shift = 2
     for i, (name, (xs, ys)) in enumerate(series.items()):
         color = _CURVE_COLORS[i % len(_CURVE_COLORS)]
         faint = tuple(int(c + (255 - c) * 0.65) for c in color)
-        for (sx, sy), col, width in (((thin or {}).get(name, ((), ())), faint, 1),
-                                     ((xs, ys), color, 2)):
-            pts = to_px(sx, sy)
+        for (sx, sy), col, width in ((thin.get(name, ((), ())), faint, 1), ((xs, ys), color, 2)):
+            pts = ax(sx, sy)
             pts = pts[np.isfinite(pts).all(-1)]
             if len(pts) == 0:
                 continue
@@ -253,11 +278,12 @@ def _panel(canvas: np.ndarray, box: tuple[int, int, int, int], title: str,
             if width > 1:  # markers show single points and where the values were read
                 cv2.polylines(canvas, list(np.repeat(fixed[:, None], 2, axis=1)), False, col,
                               5, cv2.LINE_AA, shift)
-        ly = top + 14 + 16 * i
-        cv2.line(canvas, (right - 130, ly - 4), (right - 110, ly - 4), color, 2, cv2.LINE_AA)
+        ly = ax.top + 14 + 16 * i
+        cv2.line(canvas, (ax.right - 130, ly - 4), (ax.right - 110, ly - 4), color, 2,
+                 cv2.LINE_AA)
         last = np.asarray(ys, float)
         text = f"{name} {last[-1]:.3g}" if len(last) else name
-        cv2.putText(canvas, text, (right - 104, ly), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, text, (ax.right - 104, ly), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
 
 
 def learning_curve_figure(losses: Mapping[str, Series], metrics: Mapping[str, Series],
