@@ -248,6 +248,13 @@ def test_callbacks_instantiate(tmp_path):
 
     last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
     assert last.path == tmp_path / "checkpoints" / "last.ckpt"
+    from pinet_lightning.callbacks import LearningCurve, ModelExport, PredictionFigure
+
+    by_type = {type(c): c for c in callbacks}
+    assert by_type[ModelExport].path == tmp_path / "checkpoints" / "model.pt"
+    assert by_type[PredictionFigure].path == tmp_path / "predictions.png"
+    assert by_type[PredictionFigure].num_images == 4
+    assert by_type[LearningCurve].path == tmp_path / "learning_curve.png"
     assert instantiate_group(_compose("train", ["callbacks=none"], tmp_path).get("callbacks")) \
         == []
 
@@ -296,3 +303,38 @@ def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
     assert _compose("train", ["trainer=ddp_cpu"], tmp_path).trainer.precision == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. V100
     assert auto_precision("gpu") == "32-true"
+
+
+def _signature_defaults(obj) -> dict:
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(obj).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("group,owner", [
+    ("model.loss", "pinet_lightning.losses:PINetLoss"),
+    ("data.targets", "pinet_lightning.targets:PINetTargetCodec"),
+    ("data.augmentation", "pinet_lightning.augmentation:TrainAugmentation"),
+    ("data", "pinet_lightning.datamodule:PINetDataModule"),
+])
+def test_config_defaults_mirror_the_code_signatures(tmp_path, group, owner):
+    """Each default is stated once in code (a signature) and mirrored by its Hydra field: the
+    paper recipe's config (no experiment overrides) holds exactly the signature's values."""
+    import importlib
+
+    module, name = owner.split(":")
+    defaults = _signature_defaults(getattr(importlib.import_module(module), name))
+    cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
+    node = OmegaConf.select(cfg, group)
+    # data: the plain scalar fields (paths, nested groups and the recipe's choices aside)
+    recipe = {"layout", "protocol", "train", "val", "test", "synthetic", "targets",
+              "augmentation", "people", "convention"} if group == "data" else set()
+    compared = 0
+    for key, value in defaults.items():
+        if key in recipe or key not in node:
+            continue
+        assert node[key] == pytest.approx(value) if isinstance(value, float) else \
+            node[key] == value, f"{group}.{key}: config {node[key]!r}, code {value!r}"
+        compared += 1
+    assert compared >= 4
