@@ -38,7 +38,7 @@ from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.evaluation import KeypointEvaluator
 from pinet_lightning.layouts import get_layout
-from pinet_lightning.targets import PINetTargetCodec
+from pinet_lightning.targets import OMEGA_KEYS, WINDOW_KEYS, PINetTargetCodec
 
 __all__ = ["PINetDataModule", "train_collate", "eval_collate", "SYNTHETIC_DEFAULTS"]
 
@@ -71,8 +71,10 @@ INPUT_MULTIPLE = 32  # the backbone's coarsest stride (HRNet's 1/32 branch)
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 
 
-_OMEGA_KEYS = ("omega_index", "omega_offsets", "omega_weights")
-_WINDOW_KEYS = ("window_channel", "window_first", "window_length", "window_gauss")
+# the per-entry keys of the sparse targets (targets.py owns the names): concatenated over the
+# batch; the per-sample ones (ignore_mask, bg_weight) are stacked, target_shape is shared
+_OMEGA_KEYS = tuple(key for key in OMEGA_KEYS if key.startswith("omega_"))
+_WINDOW_KEYS = tuple(key for key in WINDOW_KEYS if key.startswith("window_"))
 
 
 def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
