@@ -334,6 +334,8 @@ class RunOutput(pl.Callback):
     nothing. ``pinet-train`` sets :attr:`enabled` to ``False`` when a run trained no step
     past the outputs already there (a resume at its end must not replace them)."""
 
+    metrics_key = "output_path"  # where pinet-train's metrics.json records the file
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.enabled = True
@@ -354,6 +356,8 @@ class ModelExport(RunOutput):
     inference needs (decode settings, protocol, input size, the data module's settings) and
     the metrics it reached (:func:`pinet_lightning.network.save_model`; loaded by
     :func:`pinet_lightning.load_model` and ``Predictor.from_checkpoint``)."""
+
+    metrics_key = "model_path"
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         from pinet_lightning.config import to_plain
@@ -377,6 +381,8 @@ class PredictionFigure(RunOutput):
     """``<run dir>/predictions.png``: the reported network's poses on the first
     ``num_images`` validation images (test images when there is no validation split),
     keypoints scoring under ``threshold`` and poses under ``min_score`` not drawn."""
+
+    metrics_key = "predictions_png"
 
     def __init__(self, path: str | Path, num_images: int = 4, threshold: float = 0.2,
                  min_score: float = 0.1, min_side: int = 256) -> None:

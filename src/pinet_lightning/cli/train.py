@@ -140,8 +140,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "reported_checkpoint": best, "best_checkpoint": best_by_val, "last_checkpoint": last,
         "run_dir": str(out_dir),
-        **{_OUTPUT_KEYS.get(type(o).__name__, o.path.stem): str(o.written)
-           for o in outputs if o.written is not None},
+        **{o.metrics_key: str(o.written) for o in outputs if o.written is not None},
     })
     if keep_outputs:
         log.warning("metrics.json and model.pt of %s are kept: they come from step %d and "
@@ -181,7 +180,6 @@ def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
 
 
 REPORTED = ("last", "best")
-_OUTPUT_KEYS = {"ModelExport": "model_path", "PredictionFigure": "predictions_png"}
 
 
 def reported_checkpoint(rule: str, best_by_val: str | None, last: str | None) -> str | None:
