@@ -1,4 +1,4 @@
-"""Speed of the validation pass (pinet_lightning.annotations) and of the start-up image check.
+"""Speed of the validation pass (pinet_lightning.core.annotations) and of the start-up image check.
 
     python scripts/bench_annotations.py                  # CrowdPose val + a COCO-sized dict
     python scripts/bench_annotations.py --annotations 150000 --images 64000 --files 5000
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinet_lightning.annotations import validate_coco_keypoints
+from pinet_lightning.core.annotations import validate_coco_keypoints
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "crowdpose_val.json"
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     import cv2
 
-    from pinet_lightning.datasets import check_image_files
+    from pinet_lightning.data.datasets import check_image_files
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

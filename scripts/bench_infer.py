@@ -26,10 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pinet_lightning.augmentation import inference_resize
-from pinet_lightning.decoding import DecodeConfig, cells_to_image, decode_outputs, fuse_batch
-from pinet_lightning.network import PINet
-from pinet_lightning.predictor import Predictor
+from pinet_lightning.data.augmentation import inference_resize
+from pinet_lightning.inference.decoding import (
+    DecodeConfig,
+    cells_to_image,
+    decode_outputs,
+    fuse_batch,
+)
+from pinet_lightning.inference.predictor import Predictor
+from pinet_lightning.model.network import PINet
 
 
 class PlantedPeaks(nn.Module):

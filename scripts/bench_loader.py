@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from pinet_lightning.datamodule import PINetDataModule, train_collate
-from pinet_lightning.synthetic import generate_synthetic_crowd
+from pinet_lightning.data.datamodule import PINetDataModule, train_collate
+from pinet_lightning.data.synthetic import generate_synthetic_crowd
 
 BAR_BYTES = 0.2e6  # bytes of targets per sample at 512
 BAR_RATIO = 10.0  # main-process time per batch, dense / sparse

@@ -16,7 +16,7 @@ differences of outputs, batch norm statistics and gradients. Gradient difference
 (relative) at C = 480 are float32 rounding amplified by the batch norm backward: each version
 differs about as much from a float64 run of itself.
 
-    git show HEAD:src/pinet_lightning/refinement.py > /tmp/refinement_old.py
+    git show HEAD:src/pinet_lightning/model/refinement.py > /tmp/refinement_old.py
     python scripts/bench_refinement.py --reference /tmp/refinement_old.py --threads 1
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pinet_lightning.layouts import get_layout
-from pinet_lightning.refinement import PoseRefinement
+from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.model.refinement import PoseRefinement
 
 
 def _load_reference(path: Path) -> type:

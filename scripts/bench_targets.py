@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pinet_lightning.layouts import get_layout
-from pinet_lightning.targets import PINetTargetCodec, encode_targets
+from pinet_lightning.codec.targets import PINetTargetCodec, encode_targets
+from pinet_lightning.core.layouts import get_layout
 
 PUBLISHED_MS = 40.0  # the published implementation, per sample (loop-based target code)
 BAR_MS = 2.0
@@ -122,10 +122,10 @@ def bench_worker(num_images: int, passes: int) -> None:
         import torch
         from torch.utils.data import DataLoader
 
-        from pinet_lightning.datasets import CocoKeypointDataset
-        from pinet_lightning.synthetic import generate_synthetic_crowd
+        from pinet_lightning.data.datasets import CocoKeypointDataset
+        from pinet_lightning.data.synthetic import generate_synthetic_crowd
     except ImportError as exc:  # the data modules are written in parallel to this script
-        print(f"loader worker: skipped, {exc} (needs pinet_lightning.datasets and .synthetic)")
+        print(f"loader worker: skipped, {exc} (needs pinet_lightning.data.datasets and .synthetic)")
         return
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pinet_lightning.datamodule import train_collate
-from pinet_lightning.datasets import CocoKeypointDataset
-from pinet_lightning.module import PINetModule, resolve_switch
-from pinet_lightning.synthetic import generate_synthetic_crowd
+from pinet_lightning.data.datamodule import train_collate
+from pinet_lightning.data.datasets import CocoKeypointDataset
+from pinet_lightning.data.synthetic import generate_synthetic_crowd
+from pinet_lightning.training.module import PINetModule, resolve_switch
 
 QUICK = {"backbone": "hrnet_w18_small", "batch_size": 4, "input_size": 256, "steps": 5,
          "warmup": 2}

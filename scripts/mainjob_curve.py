@@ -76,8 +76,8 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
     import torch
     from hydra.utils import instantiate
 
-    from pinet_lightning.datamodule import train_collate
-    from pinet_lightning.targets import heatmap_targets
+    from pinet_lightning.codec.targets import heatmap_targets
+    from pinet_lightning.data.datamodule import train_collate
 
     cfg = _compose(overrides)
     dm = instantiate(cfg.data, _convert_="all")
@@ -235,7 +235,7 @@ def keypoint_errors(pairs: list[tuple[np.ndarray, np.ndarray, float]], sigmas: n
 
 
 def cmd_errors(args: argparse.Namespace) -> None:
-    from pinet_lightning.layouts import get_layout
+    from pinet_lightning.core.layouts import get_layout
 
     run = Path(args.run_dir)
     cfg = _read_config(run)

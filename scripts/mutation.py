@@ -33,20 +33,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "pinet_lightning"
-# Module -> its own test files (globs under tests/). Order: the run order.
+# Module (its path under the package) -> its own test files (file-name globs; the tests
+# mirror the stage packages: tests/<stage>/test_<module>*.py). Order: the run order.
 MODULES: dict[str, tuple[str, ...]] = {
-    "fusion": ("test_fusion*.py",),
-    "conventions": ("test_conventions*.py",),
-    "decoding": ("test_decoding*.py",),
-    "evaluation": ("test_evaluation*.py",),
-    "refinement": ("test_heads_refinement.py", "test_refinement*.py"),
-    "augmentation": ("test_augmentation*.py",),
-    "images": ("test_images*.py", "test_augmentation*.py", "test_datasets_checks.py"),
-    "targets": ("test_targets*.py", "test_sparse.py"),
-    "losses": ("test_losses*.py", "test_sparse.py"),
-    "proposals": ("test_proposals*.py", "test_sparse.py"),
-    "datasets": ("test_datasets*.py", "test_annotations.py"),
+    "inference.fusion": ("test_fusion*.py",),
+    "codec.conventions": ("test_conventions*.py",),
+    "inference.decoding": ("test_decoding*.py",),
+    "evaluation.coco": ("test_evaluation*.py",),
+    "model.refinement": ("test_heads_refinement.py", "test_refinement*.py"),
+    "data.augmentation": ("test_augmentation*.py",),
+    "core.images": ("test_images*.py", "test_augmentation*.py", "test_datasets_checks.py"),
+    "codec.targets": ("test_targets*.py", "test_sparse.py"),
+    "training.losses": ("test_losses*.py", "test_sparse.py"),
+    "training.proposals": ("test_proposals*.py", "test_sparse.py"),
+    "data.datasets": ("test_datasets*.py", "test_annotations.py"),
 }
+SHORT = {module.rsplit(".", 1)[1]: module for module in MODULES}  # `run fusion` works too
 REVIEWED = ROOT / "scripts" / "mutation_reviewed.toml"
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
           34: "skipped", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
@@ -54,12 +56,17 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 
 
 def _module_of(name: str) -> str:
-    """'pinet_lightning.fusion.x_oks_matrix__mutmut_3' -> 'fusion'."""
-    return name.split(".")[1]
+    """'pinet_lightning.inference.fusion.x_oks_matrix__mutmut_3' -> 'inference.fusion'."""
+    return ".".join(name.split(".")[1:3])
+
+
+def _module_path(module: str) -> Path:
+    """'inference.fusion' -> src/pinet_lightning/inference/fusion.py (relative)."""
+    return Path("src") / PACKAGE / (module.replace(".", "/") + ".py")
 
 
 def _own_test(module: str, test_id: str) -> bool:
-    file = test_id.split("::")[0].removeprefix("tests/")
+    file = Path(test_id.split("::")[0]).name
     return any(fnmatch.fnmatch(file, g) for g in MODULES[module])
 
 
@@ -67,7 +74,7 @@ def _results() -> dict[str, int | None]:
     """Exit code of every generated mutant of the target modules (empty before a run)."""
     out: dict[str, int | None] = {}
     for module in MODULES:
-        meta = ROOT / "mutants" / "src" / PACKAGE / f"{module}.py.meta"
+        meta = ROOT / "mutants" / _module_path(module).with_suffix(".py.meta")
         if meta.is_file():
             out.update(json.loads(meta.read_text())["exit_code_by_key"])
     return out
@@ -100,7 +107,8 @@ def _check_config() -> None:
     if sorted(set(files)) != wanted:
         raise SystemExit(f"pyproject [tool.mutmut] python_files {files} differ from "
                          f"scripts/mutation.py MODULES {wanted}: make them equal")
-    sources = {Path(f).stem for f in cfg["only_mutate"]}
+    sources = {".".join(Path(f).relative_to(Path("src") / PACKAGE).with_suffix("").parts)
+               for f in cfg["only_mutate"]}
     if sources != set(MODULES):
         raise SystemExit(f"pyproject [tool.mutmut] only_mutate {sorted(sources)} differ from "
                          f"scripts/mutation.py MODULES {sorted(MODULES)}")
@@ -160,7 +168,7 @@ def _diff_key(name: str) -> tuple[str, str]:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
     os.chdir(ROOT)
-    path = Path("src") / PACKAGE / f"{_module_of(name)}.py"
+    path = _module_path(_module_of(name))
     diff = get_diff_for_mutant(name, path=path)
     plus = [ln[1:].strip() for ln in diff.splitlines()
             if ln.startswith("+") and not ln.startswith("+++")]
@@ -235,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "run":
-        unknown = sorted(set(args.modules) - set(MODULES))
+        modules = [SHORT.get(m, m) for m in args.modules]
+        unknown = sorted(set(modules) - set(MODULES))
         if unknown:
             parser.error(f"unknown modules {unknown}; choose from {', '.join(MODULES)}")
         which = "all" if args.all else "survivors" if args.survivors else "unchecked"
-        run(args.modules or list(MODULES), which, args.jobs)
+        run(modules or list(MODULES), which, args.jobs)
         return 0
     return report(args.markdown)
 

@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import torch
 
-from pinet_lightning.datasets import CocoKeypointDataset
-from pinet_lightning.layouts import Layout
-from pinet_lightning.synthetic import generate_synthetic_crowd
+from pinet_lightning.core.layouts import Layout
+from pinet_lightning.data.datasets import CocoKeypointDataset
+from pinet_lightning.data.synthetic import generate_synthetic_crowd
 
 LEFT, RIGHT, MID = (255, 140, 0), (0, 120, 255), (255, 255, 255)
 

@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pinet_lightning.cli.config import config_dir
-from pinet_lightning.evaluation import evaluate_keypoints
-from pinet_lightning.layouts import get_layout
+from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.evaluation.coco import evaluate_keypoints
 
 K = 14
 SIGMAS = list(get_layout("crowdpose").sigmas)
@@ -158,7 +158,7 @@ def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
 
 
 def test_keypoint_count_hint_names_the_working_override(tmp_path):
-    from pinet_lightning.datasets import CocoKeypointDataset
+    from pinet_lightning.data.datasets import CocoKeypointDataset
 
     gt, _ = _gt()
     for ann in gt["annotations"]:  # 17 keypoints, as COCO
@@ -178,7 +178,8 @@ def test_keypoint_count_hint_names_the_working_override(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained HRNet-W18-small PINet saved as model.pt (input size 64)."""
-    from pinet_lightning.network import PINet, save_model
+    from pinet_lightning.model.checkpoints import save_model
+    from pinet_lightning.model.network import PINet
 
     torch.manual_seed(0)
     net = PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1)
@@ -188,7 +189,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_predictor_on_an_empty_image_is_a_value_error(tiny_model):
-    from pinet_lightning.predictor import Predictor
+    from pinet_lightning.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_model, device="cpu")
     with pytest.raises(ValueError, match=r"empty \(0 x 0 pixels\)"):
@@ -232,7 +233,7 @@ def test_pinet_predict_writes_results_for_what_it_read_when_stopped(tiny_model, 
     import cv2
 
     from pinet_lightning.cli.predict import predict
-    from pinet_lightning.predictor import Predictor
+    from pinet_lightning.inference.predictor import Predictor
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -324,7 +325,7 @@ def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
 
 def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
     from pinet_lightning.cli.train import train
-    from pinet_lightning.module import PINetModule
+    from pinet_lightning.training.module import PINetModule
 
     real_step = PINetModule.training_step
 
@@ -352,7 +353,7 @@ def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_training_and_keeps_last_ckpt(tmp_path, monkeypatch, every,
                                                             where):
     from pinet_lightning.cli.train import train
-    from pinet_lightning.losses import PINetLoss
+    from pinet_lightning.training.losses import PINetLoss
     real_loss = PINetLoss.forward
     steps = []
 

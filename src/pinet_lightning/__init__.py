@@ -22,38 +22,38 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # keypoint layouts
-    "Layout": "layouts",
-    "get_layout": "layouts",
-    "register_layout": "layouts",
-    "available_layouts": "layouts",
+    "Layout": "core.layouts",
+    "get_layout": "core.layouts",
+    "register_layout": "core.layouts",
+    "available_layouts": "core.layouts",
     # training targets (codec)
-    "encode_targets": "targets",
-    "PINetTargetCodec": "targets",
+    "encode_targets": "codec.targets",
+    "PINetTargetCodec": "codec.targets",
     # data
-    "generate_synthetic_crowd": "synthetic",
-    "CocoKeypointDataset": "datasets",
-    "dataset_paths": "datasets",
-    "PINetDataModule": "datamodule",
+    "generate_synthetic_crowd": "data.synthetic",
+    "CocoKeypointDataset": "data.datasets",
+    "dataset_paths": "data.datasets",
+    "PINetDataModule": "data.datamodule",
     # network
-    "PINet": "network",
-    "save_model": "network",
-    "load_model": "network",
-    "PINetLoss": "losses",
-    "PINetModule": "module",
+    "PINet": "model.network",
+    "save_model": "model.checkpoints",
+    "load_model": "model.checkpoints",
+    "PINetLoss": "training.losses",
+    "PINetModule": "training.module",
     # inference
-    "DecodeConfig": "decoding",
-    "predict_poses": "decoding",
-    "pose_fusion": "fusion",
-    "oks_nms": "fusion",
-    "oks_matrix": "fusion",
-    "evaluate_keypoints": "evaluation",
-    "to_coco_results": "evaluation",
-    "Predictor": "predictor",
-    "convert_published": "convert",
-    "load_network": "checkpoints",
-    "Person": "predictor",
-    "load_image": "predictor",
-    "draw_poses": "visualize",
+    "DecodeConfig": "inference.decoding",
+    "predict_poses": "inference.decoding",
+    "pose_fusion": "inference.fusion",
+    "oks_nms": "inference.fusion",
+    "oks_matrix": "inference.fusion",
+    "evaluate_keypoints": "evaluation.coco",
+    "to_coco_results": "evaluation.coco",
+    "Predictor": "inference.predictor",
+    "convert_published": "model.checkpoints",
+    "load_network": "model.checkpoints",
+    "Person": "inference.predictor",
+    "load_image": "inference.predictor",
+    "draw_poses": "inference.visualize",
 }
 
 __all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
@@ -103,18 +103,22 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
-    from pinet_lightning.checkpoints import load_network
-    from pinet_lightning.convert import convert_published
-    from pinet_lightning.datamodule import PINetDataModule
-    from pinet_lightning.datasets import CocoKeypointDataset, dataset_paths
-    from pinet_lightning.decoding import DecodeConfig, predict_poses
-    from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
-    from pinet_lightning.fusion import oks_matrix, oks_nms, pose_fusion
-    from pinet_lightning.layouts import Layout, available_layouts, get_layout, register_layout
-    from pinet_lightning.losses import PINetLoss
-    from pinet_lightning.module import PINetModule
-    from pinet_lightning.network import PINet, load_model, save_model
-    from pinet_lightning.predictor import Person, Predictor, load_image
-    from pinet_lightning.synthetic import generate_synthetic_crowd
-    from pinet_lightning.targets import PINetTargetCodec, encode_targets
-    from pinet_lightning.visualize import draw_poses
+    from pinet_lightning.codec.targets import PINetTargetCodec, encode_targets
+    from pinet_lightning.core.layouts import Layout, available_layouts, get_layout, register_layout
+    from pinet_lightning.data.datamodule import PINetDataModule
+    from pinet_lightning.data.datasets import CocoKeypointDataset, dataset_paths
+    from pinet_lightning.data.synthetic import generate_synthetic_crowd
+    from pinet_lightning.evaluation.coco import evaluate_keypoints, to_coco_results
+    from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
+    from pinet_lightning.inference.fusion import oks_matrix, oks_nms, pose_fusion
+    from pinet_lightning.inference.predictor import Person, Predictor, load_image
+    from pinet_lightning.inference.visualize import draw_poses
+    from pinet_lightning.model.checkpoints import (
+        convert_published,
+        load_model,
+        load_network,
+        save_model,
+    )
+    from pinet_lightning.model.network import PINet
+    from pinet_lightning.training.losses import PINetLoss
+    from pinet_lightning.training.module import PINetModule

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from datetime import datetime
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 __all__ = ["run_name", "auto_precision", "register_resolvers"]
@@ -49,7 +50,6 @@ def auto_precision(accelerator: str = "auto") -> str:
     (the losses and batch-norm statistics stay float32), full float32 elsewhere."""
     if str(accelerator).lower() not in ("auto", "gpu", "cuda"):
         return "32-true"
-    import torch
 
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"

@@ -8,9 +8,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
+import pinet_lightning.conf
 from pinet_lightning.cli.run import external_rank
 
 __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
@@ -18,7 +22,6 @@ __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
 
 def config_dir() -> Path:
     """The packaged ``conf/`` folder (``pinet_lightning.conf``), editable or installed."""
-    import pinet_lightning.conf
 
     return Path(pinet_lightning.conf.__file__).resolve().parent
 
@@ -29,7 +32,6 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     Ranks > 0 of an externally launched job (srun, torchrun) write no ``.hydra`` folder and
     log to stdout only: rank 0 owns the run directory.
     """
-    import hydra
 
     if external_rank() > 0:
         extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -46,8 +48,6 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
 def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Dotted keys under ``cfg`` whose value is ``???``, directly or through an interpolation
     (``OmegaConf.missing_keys`` raises on the latter)."""
-    from omegaconf import ListConfig
-    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
     found: list[str] = []
     keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
@@ -68,7 +68,6 @@ def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 def instantiate_group(group: Any) -> list[Any]:
     """Instantiate every ``_target_`` node of a callbacks/logger group (a mapping of nodes)."""
-    from hydra.utils import instantiate
 
     if not group:
         return []

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -146,8 +148,6 @@ def ddp_job_scope() -> Iterator[None]:
     try:
         yield
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and not is_ddp_child():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
@@ -172,9 +172,7 @@ def child_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args(argv)
-    from omegaconf import OmegaConf
 
-    import pinet_lightning.cli  # noqa: F401  (resolvers)
 
     logging.basicConfig(level=logging.INFO,
                         format=f"[rank {os.environ.get('LOCAL_RANK', '?')}] %(message)s")

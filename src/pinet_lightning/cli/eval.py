@@ -5,7 +5,7 @@
 
 The network, its layout and its cell/pixel convention come from the checkpoint (a Lightning
 ``.ckpt``, a ``model.pt`` or the published weights, read by
-:func:`~pinet_lightning.checkpoints.load_network`);
+:func:`~pinet_lightning.model.checkpoints.load_network`);
 the data from ``data=...`` or, by default, from the data settings the checkpoint carries (its
 training run's). Prints the metric table and writes ``metrics.json`` and ``results.json``
 (COCO keypoint results) into the run directory. ``trainer=ddp`` evaluates on several devices.
@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pinet_lightning.checkpoints import load_network
 from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 from pinet_lightning.cli.run import start_run, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
-from pinet_lightning.config import to_plain
+from pinet_lightning.core.config import to_plain
+from pinet_lightning.data.datamodule import PINetDataModule
+from pinet_lightning.model.checkpoints import load_network
+from pinet_lightning.training.module import PINetModule
 
 __all__ = ["main", "evaluate"]
 
@@ -36,9 +39,7 @@ log = logging.getLogger("pinet_lightning.eval")
 def _datamodule(cfg: DictConfig, loaded: Any) -> Any:
     """The data: ``data=...`` when given, else the training run's data settings the
     checkpoint carries; either way the network's layout and convention."""
-    from hydra.utils import instantiate
 
-    from pinet_lightning.datamodule import PINetDataModule
 
     follow = {"layout": loaded.net.layout.to_dict(), "convention": loaded.net.convention.name}
     if cfg.get("data") is not None:
@@ -59,9 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from hydra.utils import instantiate
 
-    from pinet_lightning.module import PINetModule
 
     split = str(cfg.get("split", "test"))
     if split not in ("test", "val"):

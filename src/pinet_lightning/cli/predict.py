@@ -23,16 +23,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 from omegaconf import DictConfig
 
 from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.run import load_inference_net, save_config, setup_threads
-from pinet_lightning.config import to_plain
+from pinet_lightning.core.config import to_plain
+from pinet_lightning.inference.predictor import load_image
+from pinet_lightning.inference.visualize import draw_poses, save_image
 
 if TYPE_CHECKING:
-    from pinet_lightning.layouts import Layout
-    from pinet_lightning.predictor import Person, Predictor
+    from pinet_lightning.core.layouts import Layout
+    from pinet_lightning.inference.predictor import Person, Predictor
 
 __all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
 
@@ -47,7 +50,6 @@ Item = tuple[str, "np.ndarray | Exception"]
 
 def _image_items(files: list[Path]) -> Iterator[Item]:
     """(name, RGB image) per file, or (name, the error) for a file that cannot be read."""
-    from pinet_lightning.predictor import load_image
 
     for path in files:
         try:
@@ -65,8 +67,6 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _video_items(path: Path, max_frames: int | None) -> Iterator[Item]:
-    import cv2
-
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise OSError(f"pinet-predict: OpenCV cannot open the video {path} (unknown codec?); "
@@ -84,8 +84,6 @@ def _video_items(path: Path, max_frames: int | None) -> Iterator[Item]:
 
 
 def _video_fps(path: Path) -> float:
-    import cv2
-
     capture = cv2.VideoCapture(str(path))
     fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
     capture.release()
@@ -201,9 +199,7 @@ class _Outputs:
 
     def _draw(self, name: str, image: np.ndarray, people: list[Person]) -> None:
         """Save the image with the skeletons drawn; append it to the video for a video."""
-        import cv2
 
-        from pinet_lightning.visualize import draw_poses, save_image
 
         cfg = self.cfg
         poses = (np.stack([p.keypoints for p in people]) if people

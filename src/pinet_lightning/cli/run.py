@@ -10,8 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pinet_lightning.cli.ddp import is_ddp_child
+from pinet_lightning.inference.predictor import Predictor
 
 __all__ = ["external_rank", "setup_threads", "start_run", "save_config", "resolve_ckpt_path",
            "write_metrics", "load_inference_net"]
@@ -39,9 +43,7 @@ def start_run(cfg: DictConfig) -> Path:
     """Threads, the run directory (created and given ``config.yaml`` by the writing rank
     alone: not our DDP children, not srun / torchrun ranks > 0) and the seed; returns the
     run directory."""
-    import pytorch_lightning as pl
 
-    from pinet_lightning.cli.ddp import is_ddp_child
 
     setup_threads(cfg)
     out_dir = Path(str(cfg.paths.output_dir)).resolve()
@@ -86,9 +88,8 @@ def write_metrics(path: Path, metrics: Mapping[str, Any]) -> Path:
 
 
 def load_inference_net(ckpt_path: str | Path, **options: Any) -> Any:
-    """A :class:`~pinet_lightning.predictor.Predictor` from a Lightning checkpoint or a
+    """A :class:`~pinet_lightning.inference.predictor.Predictor` from a Lightning checkpoint or a
     ``save_model`` file; ``options`` go to ``Predictor.from_checkpoint`` (default: CPU)."""
-    from pinet_lightning.predictor import Predictor
 
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():

@@ -8,8 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from pinet_lightning.evaluation import metric_names
+from pinet_lightning.evaluation.coco import metric_names
 
 __all__ = ["format_metrics", "metric_table_rows", "print_table", "markdown_table",
            "print_metric_table", "rich_console"]
@@ -60,7 +62,6 @@ def _fmt(value: float | None) -> str:
 def rich_console() -> Any:
     """A rich Console; when the output is not a terminal (logs, pipes) it is 140 columns
     wide so that metric tables are not squeezed into 80."""
-    from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
@@ -72,7 +73,6 @@ def print_table(title: str, columns: list[str], rows: list[list[str]],
                 label_columns: int = 1) -> str:
     """Print a rich table (the first ``label_columns`` left-aligned, numbers right-aligned);
     returns it as markdown text."""
-    from rich.table import Table
 
     table = Table(title=title)
     for i, col in enumerate(columns):

@@ -5,11 +5,11 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
 
 - ``config.yaml``: the resolved config (Hydra's own composition is in ``.hydra/``);
 - ``checkpoints/``: ``last.ckpt`` (every epoch end and on interrupts,
-  :class:`~pinet_lightning.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
+  :class:`~pinet_lightning.training.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
   and ``model.pt`` (the inference model of the reported checkpoint,
-  :class:`~pinet_lightning.callbacks.ModelExport`);
+  :class:`~pinet_lightning.training.callbacks.ModelExport`);
 - ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
-  first val images (:class:`~pinet_lightning.callbacks.PredictionFigure`);
+  first val images (:class:`~pinet_lightning.training.callbacks.PredictionFigure`);
   ``learning_curve.png``; ``csv/`` (or the chosen loggers) with per-step logs and evaluation
   jsons. The pictures and model.pt come from the callbacks of ``conf/callbacks``.
 
@@ -25,21 +25,25 @@ itself (a requeued SLURM job, whose run dir is named after its job id, does).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from pinet_lightning.callbacks import RunOutput
-from pinet_lightning.checkpoints import load_file
 from pinet_lightning.cli.config import instantiate_group, missing_keys, run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 from pinet_lightning.cli.run import resolve_ckpt_path, start_run, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
-from pinet_lightning.config import to_plain
+from pinet_lightning.core.config import to_plain
+from pinet_lightning.core.files import load_file
+from pinet_lightning.training.callbacks import LastCheckpoint, RunOutput
 
 __all__ = ["main", "train", "reported_checkpoint"]
 
@@ -58,7 +62,6 @@ class _StartStep(pl.Callback):
 
 def _wandb_offline(cfg: DictConfig) -> None:
     """An offline WandbLogger must never prompt for a login or touch the network."""
-    import os
 
     for node in (cfg.get("logger") or {}).values():
         if node is not None and str(node.get("_target_", "")).endswith("WandbLogger"):
@@ -158,7 +161,6 @@ def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
            ) -> tuple[Any, Any, pl.Trainer]:
     """The data module, the LightningModule and the trainer with the configured callbacks
     and loggers; registers the job for DDP children and logs the config."""
-    from hydra.utils import instantiate
 
     _wandb_offline(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -203,9 +205,7 @@ def reported_checkpoint(rule: str, best_by_val: str | None, last: str | None) ->
 
 def _checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None, float | None]:
     """(best val/AP checkpoint, last checkpoint, best val/AP) from the trainer's callbacks."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from pinet_lightning.callbacks import LastCheckpoint
 
     best = last = score = None
     for cb in trainer.checkpoint_callbacks:
@@ -222,7 +222,6 @@ def _checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None, floa
 
 def _recorded_step(path: Path) -> int | None:
     """``global_step`` of an existing metrics.json (None: none, or unreadable)."""
-    import json
 
     try:
         return int(json.loads(path.read_text())["global_step"])

@@ -1,0 +1,181 @@
+"""Saving and loading PINet networks: the one place a network goes to or comes from a file.
+
+- ``model.pt``, written by :func:`save_model` (training saves one, and :func:`convert_published`
+  writes one from the published weights): the state dict, the network's constructor config
+  and ``extra`` (the codec, decoding settings, metrics);
+- a Lightning ``.ckpt`` of :class:`~pinet_lightning.training.module.PINetModule`;
+- the published PINet's own weights (kennethwdk/PINet: a plain state dict, or its trainer's
+  dict holding ``state_dict``), converted on the fly by the adaptor
+  :mod:`pinet_lightning.model.published`.
+
+Files are read by :func:`pinet_lightning.core.files.load_file`: ``torch.load(weights_only=True)``,
+nothing in a file ever runs unless the caller passes ``trust_checkpoint=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pinet_lightning.core.files import CheckpointError, clean_state_dict, load_file
+from pinet_lightning.model.network import PINet
+from pinet_lightning.model.published import (
+    PUBLISHED_INPUT_SIZE,
+    is_published_state,
+    published_network,
+)
+
+__all__ = ["FORMAT", "LoadedNetwork", "save_model", "load_model", "network_from_blob",
+           "load_network", "convert_published", "CheckpointError", "load_file"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pinet_lightning.PINet"
+
+
+def _unwrap(model: nn.Module) -> PINet:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if not isinstance(model, PINet):
+        raise TypeError(f"save_model expects a PINet, got {type(model).__name__}")
+    return model
+
+
+def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
+    """Save the state dict, the constructor config and ``extra`` in one torch file."""
+    net = _unwrap(model)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "version": 1, "config": net.config, "state_dict": state,
+                "extra": extra or {}}, path)
+
+
+def network_from_blob(blob: Mapping[str, Any], source: str | Path = "<memory>") -> PINet:
+    """Rebuild a PINet from a loaded :func:`save_model` dict (strict: every weight must
+    match its config)."""
+    config = dict(blob["config"])
+    config["pretrained"] = None
+    net = PINet(**config)
+    state = clean_state_dict(blob["state_dict"])
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"the weights in '{source}' do not fit the saved config "
+                           f"{ {k: v for k, v in config.items() if k != 'layout'} }: {err}"
+                           ) from err
+    net.extra = dict(blob.get("extra") or {})
+    return net
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               trust_checkpoint: bool = False) -> PINet:
+    """Rebuild a PINet saved by :func:`save_model` (strict: every weight must match).
+    ``extra`` is available as ``model.extra``. The file is read safely (no code runs; see
+    :func:`pinet_lightning.core.files.load_file`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at '{path}'")
+    blob = load_file(path, trust_checkpoint)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a file written by save_model; for a "
+                         "Lightning checkpoint use Predictor.from_checkpoint")
+    return network_from_blob(blob, path).to(map_location)
+
+
+@dataclass
+class LoadedNetwork:
+    """A network and what its file says about it.
+
+    Attributes:
+        net: the :class:`~pinet_lightning.model.network.PINet`, in eval mode, on the CPU.
+        kind: ``"model"`` (save_model), ``"lightning"`` or ``"published"`` (raw authors'
+            weights).
+        decode: the decoding settings the file records (may be empty).
+        input_size: the input size the network was trained at, when the file says.
+        data: the data module's settings of the training run (``PINetDataModule`` keyword
+            arguments), when the file has them.
+        extra: the remaining metadata (``save_model``'s ``extra``, or the Lightning
+            hyper-parameters).
+    """
+
+    net: Any
+    kind: str
+    decode: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
+    hp = dict(blob["hyper_parameters"])
+    network = dict(hp.get("network") or {})
+    network["pretrained"] = None  # the weights are in the checkpoint
+    state = clean_state_dict(blob["state_dict"], "net.")
+    if not state:
+        raise CheckpointError(f"checkpoint '{path}' has no 'net.*' weights; is it a "
+                              "PINetModule checkpoint?")
+    net = PINet(hp.get("layout", "crowdpose"), **network)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{path}': its weights do not fit the network of its "
+                              f"hyper-parameters: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}")
+    data = dict(blob.get("datamodule_hyper_parameters") or {})
+    size = data.get("input_size")
+    return LoadedNetwork(net=net, kind="lightning", decode=dict(hp.get("decode") or {}),
+                         input_size=int(size) if size else None, data=data, extra=hp)
+
+
+def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetwork:
+    """Rebuild the network of any supported file (see the module docstring).
+
+    Raises:
+        FileNotFoundError, CheckpointError: naming the file and what to do.
+    """
+    path = Path(path)
+    blob = load_file(path, trust_checkpoint)
+    if isinstance(blob, Mapping) and blob.get("format") == FORMAT:
+        net = network_from_blob(blob, path)
+        extra = dict(blob.get("extra") or {})
+        data = dict(extra.get("data") or {})
+        size = extra.get("input_size") or data.get("input_size")
+        loaded = LoadedNetwork(net=net, kind="model", decode=dict(extra.get("decode") or {}),
+                               input_size=int(size) if size else None, data=data, extra=extra)
+    elif isinstance(blob, Mapping) and "state_dict" in blob and "hyper_parameters" in blob:
+        loaded = _from_lightning(blob, path)
+    elif is_published_state(blob):
+        net = published_network(blob, source=path)
+        log.info("%s: the published PINet's weights (layout %s), read with its conventions",
+                 path, net.layout.name)
+        loaded = LoadedNetwork(net=net, kind="published", input_size=PUBLISHED_INPUT_SIZE)
+    else:
+        raise CheckpointError(
+            f"checkpoint '{path}' is neither a model.pt (save_model), a Lightning checkpoint "
+            "of PINetModule (state_dict + hyper_parameters) nor the published PINet's weights")
+    loaded.net.eval()
+    return loaded
+
+
+def convert_published(src: str | Path, dst: str | Path, layout: str | None = "crowdpose",
+                      trust_checkpoint: bool = False) -> Path:
+    """Convert the published PINet's weights file ``src`` into a ``model.pt`` at ``dst``
+    that ``Predictor.from_checkpoint``, ``pinet-eval`` and ``pinet-predict`` load; returns ``dst``.
+
+    Args:
+        layout: ``crowdpose``, ``coco`` or ``ochuman`` (None: read off the file: 14 keypoints
+            CrowdPose, 17 with 2 refinement layers COCO, with 3 OCHuman).
+        trust_checkpoint: allow a file that needs the full unpickler (it can run code).
+    """
+    src, dst = Path(src), Path(dst)
+    net = published_network(load_file(src, trust_checkpoint), layout, src)
+    # no decode settings: the decoding defaults are the published inference under the
+    # published convention the network records
+    save_model(dst, net, extra={"input_size": PUBLISHED_INPUT_SIZE,
+                                "converted_from": str(src), "source": "kennethwdk/PINet"})
+    return dst

@@ -1,0 +1,74 @@
+"""Which ground truth and protocol PINetModule evaluates with (``PINetModule.evaluator``):
+the data module's evaluator, unless the module was given an annotation file; then the
+module's protocol, else the data module's, else crowdpose for the CrowdPose layout and coco
+for any other. ``evaluator`` reads only ``hparams``, ``_trainer`` and ``layout``: it runs
+here on stand-ins, without building a network."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("pytorch_lightning")
+
+from pinet_lightning.core.layouts import get_layout  # noqa: E402
+from pinet_lightning.training.module import PINetModule  # noqa: E402
+
+
+def _evaluator(layout: str, stage: str = "val", datamodule=None, **hparams):
+    module = SimpleNamespace(
+        hparams={"eval_protocol": None, "val_annotation_file": "gt.json",
+                 "test_annotation_file": None, **hparams},
+        _trainer=None if datamodule is None else SimpleNamespace(datamodule=datamodule),
+        layout=get_layout(layout))
+    return PINetModule.evaluator(module, stage)
+
+
+def _source(*args, **kwargs) -> tuple[str, str]:
+    ev = _evaluator(*args, **kwargs)
+    return ev.annotation_file, ev.protocol
+
+
+@pytest.mark.parametrize(("layout", "protocol"),
+                         [("crowdpose", "crowdpose"), ("coco", "coco"), ("ochuman", "coco")])
+def test_protocol_falls_back_to_the_layout(layout, protocol):
+    assert _source(layout) == ("gt.json", protocol)
+    # A data module that names no protocol (and has no evaluator) changes nothing.
+    assert _source(layout, datamodule=SimpleNamespace()) == ("gt.json", protocol)
+    assert _evaluator(layout).sigmas == tuple(get_layout(layout).sigmas)
+
+
+def test_protocol_from_the_datamodule_then_the_module():
+    dm = SimpleNamespace(protocol="coco", skip_invalid=True)
+    assert _source("crowdpose", datamodule=dm) == ("gt.json", "coco")
+    assert _evaluator("crowdpose", datamodule=dm).skip_invalid is True
+    # The module's own settings win over the data module's.
+    assert _source("coco", "test", datamodule=dm, eval_protocol="crowdpose",
+                   test_annotation_file="mine.json") == ("mine.json", "crowdpose")
+    # Without an annotation file of its own the module asks the data module's evaluator.
+    own = SimpleNamespace(evaluator=lambda stage: ("from the data module", stage))
+    assert _evaluator("coco", "test", datamodule=own) == ("from the data module", "test")
+
+
+def test_missing_ground_truth_names_the_setting():
+    with pytest.raises(ValueError, match="test_annotation_file"):
+        _source("coco", "test")
+
+
+def test_data_module_must_match_the_network_stride_and_convention():
+    """The network owns the output stride and the cell/pixel convention: a data module
+    stating another one is refused at setup, naming the setting (not a silent shift)."""
+    from pinet_lightning.codec.conventions import get_convention
+    from pinet_lightning.training.module import check_data_matches_network
+
+    net = SimpleNamespace(output_stride=4, convention=get_convention("cell_center"))
+    check_data_matches_network(SimpleNamespace(output_stride=4, convention="cell_center"), net)
+    check_data_matches_network(None, net)
+    check_data_matches_network(SimpleNamespace(), net)  # a user's own data module
+    with pytest.raises(ValueError, match="data.output_stride=4"):
+        check_data_matches_network(SimpleNamespace(output_stride=2, convention="cell_center"),
+                                   net)
+    with pytest.raises(ValueError, match="convention=cell_center"):
+        check_data_matches_network(SimpleNamespace(output_stride=4, convention="published"),
+                                   net)
