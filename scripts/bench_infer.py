@@ -26,13 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pinet_lightning.codec.conventions import cells_to_image
 from pinet_lightning.data.augmentation import inference_resize
-from pinet_lightning.inference.decoding import (
-    DecodeConfig,
-    cells_to_image,
-    decode_outputs,
-    fuse_batch,
-)
+from pinet_lightning.inference.decoding import DecodeConfig, decode_outputs, fuse_batch
 from pinet_lightning.inference.predictor import Predictor
 from pinet_lightning.model.network import PINet
 

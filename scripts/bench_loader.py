@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-from pinet_lightning.data.datamodule import PINetDataModule, train_collate
+from pinet_lightning.codec.batch import train_collate
+from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
 
 BAR_BYTES = 0.2e6  # bytes of targets per sample at 512
@@ -138,11 +140,10 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, {gpu}")
         modules = {}
         for name, sparse in FORMATS.items():
-            dm = PINetDataModule(layout="crowdpose",
+            dm = PINetDataModule(codec=PINetCodec("crowdpose", input_size=512, sparse=sparse),
                                  train={"images": Path(tmp) / "images", "annotations": annotations},
-                                 input_size=512, batch_size=args.batch_size, num_workers=0,
-                                 pin_memory=cuda, persistent_workers=False,
-                                 sparse_targets=sparse)
+                                 batch_size=args.batch_size, num_workers=0, pin_memory=cuda,
+                                 persistent_workers=False)
             dm.setup("fit")
             modules[name] = dm
 

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pinet_lightning.data.datamodule import train_collate
+from pinet_lightning.codec.batch import train_collate
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
 from pinet_lightning.training.module import PINetModule, resolve_switch
@@ -56,13 +57,12 @@ def build_batch(layout: str, batch_size: int, input_size: int, device: torch.dev
                 seed: int = 0, max_people: int = 8, sparse: bool = True) -> dict[str, Any]:
     """One training batch from the real data path (synthetic scenes, train augmentation,
     target encoding, collate), moved to ``device`` once."""
-    formats = ({"offsets_format": "omega", "heatmaps_format": "windows"} if sparse else {})
     with tempfile.TemporaryDirectory() as tmp:
         annotations = generate_synthetic_crowd(tmp, num_images=batch_size,
                                                image_size=input_size, min_people=2,
                                                max_people=max_people, layout=layout, seed=seed)
-        dataset = CocoKeypointDataset(Path(tmp) / "images", annotations, layout=layout,
-                                      train=True, input_size=input_size, targets=formats)
+        codec = PINetCodec(layout, input_size=input_size, sparse=sparse)
+        dataset = CocoKeypointDataset(Path(tmp) / "images", annotations, codec=codec, train=True)
         torch.manual_seed(seed)  # the augmentation reseeds from torch's seed
         # An image whose people all fall outside would be skipped: cycle to B samples.
         samples = [dataset[i % len(dataset)] for i in range(batch_size)]

@@ -76,8 +76,7 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
     import torch
     from hydra.utils import instantiate
 
-    from pinet_lightning.codec.targets import heatmap_targets
-    from pinet_lightning.data.datamodule import train_collate
+    from pinet_lightning.codec.batch import heatmap_targets, train_collate
 
     cfg = _compose(overrides)
     dm = instantiate(cfg.data, _convert_="all")

@@ -44,6 +44,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "data.augmentation": ("test_augmentation*.py",),
     "core.images": ("test_images*.py", "test_augmentation*.py", "test_datasets_checks.py"),
     "codec.targets": ("test_targets*.py", "test_sparse.py"),
+    "codec.batch": ("test_sparse.py", "test_targets*.py", "test_batch*.py"),
+    "codec.codec": ("test_codec*.py",),
     "training.losses": ("test_losses*.py", "test_sparse.py"),
     "training.proposals": ("test_proposals*.py", "test_sparse.py"),
     "data.datasets": ("test_datasets*.py", "test_annotations.py"),

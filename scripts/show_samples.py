@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.layouts import Layout
 from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
@@ -57,8 +58,8 @@ def main() -> None:
 
     ann = generate_synthetic_crowd(args.data, num_images=args.num, image_size=args.size,
                                    layout=args.layout, seed=args.seed)
-    ds = CocoKeypointDataset(Path(args.data) / "images", ann, layout=args.layout, train=True,
-                             input_size=args.size)
+    codec = PINetCodec(args.layout, input_size=args.size, sparse=False)  # the dense maps
+    ds = CocoKeypointDataset(Path(args.data) / "images", ann, codec=codec, train=True)
     ds.augment.reseed(args.seed)
     raw_row, aug_row = [], []
     for i in range(min(args.num, len(ds))):

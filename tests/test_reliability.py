@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pinet_lightning.cli.config import config_dir
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.evaluation.coco import evaluate_keypoints
 
@@ -168,7 +169,7 @@ def test_keypoint_count_hint_names_the_working_override(tmp_path):
     path.write_text(json.dumps(gt))
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError) as err:
-        CocoKeypointDataset(tmp_path / "images", path, layout="crowdpose")
+        CocoKeypointDataset(tmp_path / "images", path, codec=PINetCodec("crowdpose"))
     text = str(err.value)
     assert "coco17.json" in text and "17 keypoints" in text and "14 are expected" in text
     assert "layout=coco" in text and "data.layout" not in text  # data.layout=... crashed later

@@ -26,13 +26,13 @@ _EXPORTS: dict[str, str] = {
     "get_layout": "core.layouts",
     "register_layout": "core.layouts",
     "available_layouts": "core.layouts",
-    # training targets (codec)
+    # the frame and the training targets (codec)
+    "PINetCodec": "codec.codec",
     "encode_targets": "codec.targets",
     "PINetTargetCodec": "codec.targets",
     # data
     "generate_synthetic_crowd": "data.synthetic",
     "CocoKeypointDataset": "data.datasets",
-    "dataset_paths": "data.datasets",
     "PINetDataModule": "data.datamodule",
     # network
     "PINet": "model.network",
@@ -62,11 +62,11 @@ __all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
     "get_layout",
     "register_layout",
     "available_layouts",
+    "PINetCodec",
     "encode_targets",
     "PINetTargetCodec",
     "generate_synthetic_crowd",
     "CocoKeypointDataset",
-    "dataset_paths",
     "PINetDataModule",
     "PINet",
     "save_model",
@@ -103,10 +103,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from pinet_lightning.codec.codec import PINetCodec
     from pinet_lightning.codec.targets import PINetTargetCodec, encode_targets
     from pinet_lightning.core.layouts import Layout, available_layouts, get_layout, register_layout
     from pinet_lightning.data.datamodule import PINetDataModule
-    from pinet_lightning.data.datasets import CocoKeypointDataset, dataset_paths
+    from pinet_lightning.data.datasets import CocoKeypointDataset
     from pinet_lightning.data.synthetic import generate_synthetic_crowd
     from pinet_lightning.evaluation.coco import evaluate_keypoints, to_coco_results
     from pinet_lightning.inference.decoding import DecodeConfig, predict_poses

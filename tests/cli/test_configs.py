@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -60,7 +61,7 @@ def test_default_train_config_is_the_synthetic_main_job(tmp_path):
 def test_spec_defaults(tmp_path):
     """The constants of docs/algorithm.md are fields with its values (the w32 recipe, base data)."""
     cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
-    t = cfg.data.targets
+    t = cfg.codec.targets
     assert (t.sigma, t.radius, t.bg_weight, t.min_part_area) == (2.0, 2, 0.1, 0.0)
     assert (t.window_sigmas, t.part_center_in_map) == (3.0, False)
     a = cfg.data.augmentation
@@ -68,7 +69,9 @@ def test_spec_defaults(tmp_path):
         30.0, 0.75, 1.5, 0.2, 0.5)
     assert a.ignore_padding is True
     assert (cfg.data.people.ignore_regions, cfg.data.people.min_image_keypoints) == (False, None)
-    assert cfg.data.input_size == 512 and cfg.data.output_stride == 4
+    assert cfg.codec.input_size == 512 and cfg.codec.output_stride == 4
+    assert cfg.codec.convention == "cell_center" and cfg.codec.sparse is True
+    assert cfg.data.codec == cfg.model.codec == cfg.codec  # one node, interpolated
     loss = cfg.model.loss
     assert (loss.heatmap_weight, loss.offset_weight, loss.refine_weight) == (1.0, 0.03, 0.03)
     assert loss.beta == pytest.approx(1 / 9)
@@ -77,7 +80,9 @@ def test_spec_defaults(tmp_path):
     assert (d.top_k, d.score_threshold, d.oks_threshold, d.flip_test) == (30, 0.01, 0.7, True)
     assert (d.nms_large_size, d.nms_medium_size, list(d.scales)) == (300.0, 200.0, [1.0])
     assert list(d.nms_kernels) == [7, 5, 3]
-    assert cfg.model.optimizer.lr == 0.001 and cfg.model.optimizer.gamma == 0.1
+    assert cfg.model.optimizer.lr == 0.001 and cfg.model.scheduler.gamma == 0.1
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.MultiStepLR"
     assert cfg.model.network.backbone == "hrnet_w32"
     assert cfg.model.network.head_init_std == 0.001
 
@@ -98,15 +103,15 @@ def test_spec_defaults(tmp_path):
 def test_recipes(tmp_path, experiment, expected):
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
     assert cfg.trainer.max_epochs == expected["epochs"]
-    assert list(cfg.model.optimizer.milestones) == expected["milestones"]
+    assert list(cfg.model.scheduler.milestones) == expected["milestones"]
     assert cfg.data.batch_size == expected["batch"]
     assert cfg.trainer.devices == 2
     assert cfg.model.network.refine_layers == expected["refine"]
-    assert cfg.data.targets.min_part_area == expected["min_part_area"]
+    assert cfg.codec.targets.min_part_area == expected["min_part_area"]
     assert cfg.data.people.ignore_regions == expected["ignore_regions"]
     assert cfg.data.people.min_image_keypoints == expected["min_image_keypoints"]
     assert cfg.layout.name == expected["layout"] and cfg.data.protocol == expected["protocol"]
-    assert cfg.data.input_size == 512 and cfg.model.optimizer.lr == 0.001
+    assert cfg.codec.input_size == 512 and cfg.model.optimizer.lr == 0.001
     assert cfg.trainer.strategy._target_ == "pinet_lightning.cli.ddp.HydraDDPStrategy"
     assert cfg.task_name == experiment
 
@@ -314,7 +319,8 @@ def _signature_defaults(obj) -> dict:
 
 @pytest.mark.parametrize("group,owner", [
     ("model.loss", "pinet_lightning.training.losses:PINetLoss"),
-    ("data.targets", "pinet_lightning.codec.targets:PINetTargetCodec"),
+    ("codec.targets", "pinet_lightning.codec.targets:PINetTargetCodec"),
+    ("codec", "pinet_lightning.codec.codec:PINetCodec"),
     ("data.augmentation", "pinet_lightning.data.augmentation:TrainAugmentation"),
     ("data", "pinet_lightning.data.datamodule:PINetDataModule"),
 ])
@@ -329,7 +335,7 @@ def test_config_defaults_mirror_the_code_signatures(tmp_path, group, owner):
     node = OmegaConf.select(cfg, group)
     # data: the plain scalar fields (paths, nested groups and the recipe's choices aside)
     recipe = {"layout", "protocol", "train", "val", "test", "synthetic", "targets",
-              "augmentation", "people", "convention"} if group == "data" else set()
+              "augmentation", "people", "codec", "dataset"} if group in ("data", "codec") else set()
     compared = 0
     for key, value in defaults.items():
         if key in recipe or key not in node:
@@ -338,3 +344,24 @@ def test_config_defaults_mirror_the_code_signatures(tmp_path, group, owner):
             node[key] == value, f"{group}.{key}: config {node[key]!r}, code {value!r}"
         compared += 1
     assert compared >= 4
+
+
+def test_optimizer_scheduler_and_dataset_nodes_mirror_the_code(tmp_path):
+    """The optimizer, the scheduler and the dataset class are Hydra nodes (``_target_``,
+    ``_partial_``) whose defaults are the code's; the module instantiates them, and a
+    checkpoint stores them as plain data."""
+    from pinet_lightning.data.datamodule import DATASET_DEFAULT
+    from pinet_lightning.training.module import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS
+
+    cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert plain["model"]["optimizer"] == OPTIMIZER_DEFAULTS
+    assert plain["model"]["scheduler"] == SCHEDULER_DEFAULTS
+    assert plain["data"]["dataset"] == DATASET_DEFAULT
+    module = instantiate(_compose("train", ["model.network.backbone=hrnet_w18_small"],
+                                  tmp_path).model, _convert_="all")
+    setup = module.configure_optimizers()
+    assert isinstance(setup["optimizer"], torch.optim.Adam)
+    assert setup["optimizer"].param_groups[0]["lr"] == 0.002  # the main job's
+    assert isinstance(setup["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.MultiStepLR)
+    assert module.hparams.optimizer["_target_"] == "torch.optim.Adam"

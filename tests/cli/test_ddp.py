@@ -74,8 +74,8 @@ SCRIPT = textwrap.dedent('''
     for name, cls in (("oracle", Oracle), ("net", PINetModule)):
         module = cls(**blob["hparams"])
         module.load_state_dict(blob["state_dict"])
-        dm = PINetDataModule(layout="crowdpose", protocol="crowdpose", val=split,
-                             input_size=128, eval_batch_size=1, num_workers=0,
+        dm = PINetDataModule(codec={"layout": "crowdpose", "input_size": 128},
+                             protocol="crowdpose", val=split, eval_batch_size=1, num_workers=0,
                              pin_memory=False, persistent_workers=False)
         trainer = pl.Trainer(accelerator="cpu", devices=devices,
                              strategy="ddp" if devices > 1 else "auto", logger=False,
@@ -122,7 +122,7 @@ def test_ddp_validation_equals_single_process(synthetic_crowd, tmp_path):
     val_json.write_text(json.dumps(data))
 
     torch.manual_seed(0)
-    hparams = {"layout": "crowdpose",
+    hparams = {"codec": {"layout": "crowdpose", "input_size": 128},
                "network": {"backbone": "hrnet_w18_small", "refine_layers": 1},
                "decode": {"top_k": 10}, "eval_protocol": "crowdpose",
                "val_annotation_file": str(val_json)}

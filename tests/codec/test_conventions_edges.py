@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pinet_lightning.codec.conventions import CellCenter, Published, get_convention
+from pinet_lightning.codec.conventions import (
+    CellCenter,
+    Published,
+    cells_to_image,
+    get_convention,
+)
 from pinet_lightning.core.constants import IMAGENET_MEAN
 
 OURS, PUBLISHED = get_convention("cell_center"), get_convention("published")
@@ -130,3 +135,21 @@ def test_the_base_convention_is_abstract():
         with pytest.raises(NotImplementedError):
             call()
     assert repr(PUBLISHED) == "Convention('published')"
+
+
+def test_cells_to_image_convention():
+    poses = torch.tensor([[[[0.0, 0.0, 0.7], [10.0, 3.0, 0.2]]]])
+    back = torch.tensor([[[2.0, 0.0, 100.0], [0.0, 3.0, 0.0]]])
+    got = cells_to_image(poses, back)
+    want = torch.tensor([[[[2 * 1.5 + 100, 3 * 1.5, 0.7], [2 * 41.5 + 100, 3 * 13.5, 0.2]]]])
+    assert torch.allclose(got, want)
+
+
+def test_cells_to_image_scale_per_axis_and_float64_transforms():
+    poses = torch.tensor([[[[1.0, 2.0, 0.5]]]])
+    back = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    x_in, y_in = 4 * 1.0 + 1.5, 4 * 2.0 + 1.5
+    for scale in [(2.0, 1.0), (1.0, 2.0)]:
+        got = cells_to_image(poses, back, input_scale=scale)
+        want = [(x_in + 0.5) * scale[0] - 0.5, (y_in + 0.5) * scale[1] - 0.5, 0.5]
+        assert got[0, 0, 0].tolist() == pytest.approx(want)

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pinet_lightning.codec.targets import (
-    TARGET_KEYS,
-    OmegaBatch,
-    encode_targets,
-    heatmap_targets,
-    render_windows,
-)
-from pinet_lightning.data.datamodule import PINetDataModule, train_collate
+from pinet_lightning.codec.batch import OmegaBatch, heatmap_targets, render_windows, train_collate
+from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.codec.targets import TARGET_KEYS, encode_targets
+from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.training.losses import PINetLoss
 from pinet_lightning.training.proposals import proposal_scores
 
@@ -188,8 +184,8 @@ def test_dataset_pipeline_dense_and_sparse_give_the_same_losses(tmp_path):
                  "min_people": 4, "max_people": 6, "overlap": 0.7, "seed": 3}
     batches = {}
     for sparse in (False, True):
-        dm = PINetDataModule(synthetic=synthetic, input_size=128, batch_size=4, num_workers=0,
-                             pin_memory=False, sparse_targets=sparse)
+        dm = PINetDataModule(codec=PINetCodec(input_size=128, sparse=sparse), synthetic=synthetic,
+                             batch_size=4, num_workers=0, pin_memory=False)
         dm.prepare_data()
         dm.setup("fit")
         ds = dm.train_dataset
@@ -202,7 +198,7 @@ def test_dataset_pipeline_dense_and_sparse_give_the_same_losses(tmp_path):
     for key in ("loss", "heatmap", "offset", "refine"):
         torch.testing.assert_close(sparse_loss[key], dense_loss[key], rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="sparse_targets"):
-        PINetDataModule(synthetic=synthetic, targets={"offsets_format": "dense"})
+        PINetDataModule(codec=PINetCodec(targets={"offsets_format": "dense"}), synthetic=synthetic)
 
 
 def _to(batch: dict, device: str) -> dict:

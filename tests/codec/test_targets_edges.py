@@ -153,7 +153,7 @@ def test_omega_output_dtypes_also_when_empty():
 
 
 def test_windows_format_keys_and_missing_key_messages():
-    from pinet_lightning.codec.targets import OmegaBatch, heatmap_targets
+    from pinet_lightning.codec.batch import OmegaBatch, heatmap_targets
 
     kp = _people([(4, 4, 2), (5, 6, 2), (6, 5, 2)])
     windows = encode_targets(kp, [16.0], TINY, (8, 8), heatmaps_format="windows")

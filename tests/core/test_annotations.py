@@ -14,7 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.data.datasets import CocoKeypointDataset, read_image
+
+# 64 px inputs, dense targets (the tests read the maps)
+CODEC_64 = PINetCodec(input_size=64, sparse=False)
 
 K = 14
 
@@ -54,7 +58,8 @@ def _write(tmp_path: Path, data: dict | str) -> tuple[Path, Path]:
 
 def _dataset(tmp_path, data, train=True, **kwargs):
     img_dir, ann = _write(tmp_path, data)
-    return CocoKeypointDataset(img_dir, ann, train=train, input_size=64, **kwargs)
+    return CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                               train=train, **kwargs)
 
 
 def _two_people() -> dict:
@@ -226,8 +231,9 @@ def test_missing_image_file_is_found_at_the_start(tmp_path):
     (img_dir / "2.jpg").unlink()
     # before any sample is read (not mid-epoch), naming the file and its image id
     with pytest.raises(FileNotFoundError, match=r"ann\.json(.|\n)*1 missing(.|\n)*2 2\.jpg"):
-        CocoKeypointDataset(img_dir, ann, input_size=64)
-    ds = CocoKeypointDataset(img_dir, ann, input_size=64, skip_invalid=True)
+        CocoKeypointDataset(img_dir, ann, codec=CODEC_64)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                             skip_invalid=True)
     assert ds.image_ids == [1]
 
 
@@ -242,8 +248,9 @@ def test_truncated_jpeg_is_named_not_trained_as_gray(tmp_path):
     img_dir, ann = _write(tmp_path, _two_people())
     _truncated_jpeg(img_dir / "2.jpg")
     with pytest.raises(FileNotFoundError, match=r"1 truncated JPEG(.|\n)*2 2\.jpg"):
-        CocoKeypointDataset(img_dir, ann, input_size=64)
-    ds = CocoKeypointDataset(img_dir, ann, input_size=64, skip_invalid=True)
+        CocoKeypointDataset(img_dir, ann, codec=CODEC_64)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                             skip_invalid=True)
     assert ds.image_ids == [1]
     with pytest.raises(OSError, match=r"2\.jpg is a truncated JPEG"):
         read_image(img_dir / "2.jpg")  # OpenCV alone returns it with a gray lower half

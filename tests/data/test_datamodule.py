@@ -6,15 +6,17 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from pinet_lightning.data.datamodule import PINetDataModule, eval_collate, train_collate
+from pinet_lightning.codec.batch import train_collate
+from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.data.datamodule import PINetDataModule, eval_collate
 
 
-def _dm(root, workers=0, **kw):
+def _dm(root, workers=0, codec=None, **kw):
     synthetic = {"root": str(root), "num_train": 4, "num_val": 2, "image_size": 96,
                  "min_people": 2, "max_people": 3, "overlap": 0.5, "seed": 0}
     synthetic.update(kw.pop("synthetic", {}))
-    return PINetDataModule(synthetic=synthetic, input_size=64, batch_size=2, num_workers=workers,
-                           pin_memory=False, **kw)
+    return PINetDataModule(codec=PINetCodec(input_size=64, **(codec or {})), synthetic=synthetic,
+                           batch_size=2, num_workers=workers, pin_memory=False, **kw)
 
 
 def test_prepare_data_caches_and_regenerates_on_change(tmp_path):
@@ -42,7 +44,7 @@ def test_attributes(tmp_path):
 
 @pytest.mark.parametrize(("workers", "sparse"), [(0, True), (1, True), (0, False), (1, False)])
 def test_loaders_yield_batches(tmp_path, workers, sparse):
-    dm = _dm(tmp_path, workers=workers, sparse_targets=sparse)
+    dm = _dm(tmp_path, workers=workers, codec={"sparse": sparse})
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -96,7 +98,7 @@ def test_lightning_can_inject_a_distributed_sampler(tmp_path):
     loader = dm.train_dataloader()
     sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=True)
     new = _update_dataloader(loader, sampler)
-    assert new.sampler is sampler and new.collate_fn is train_collate
+    assert new.sampler is sampler and new.collate_fn == dm.codec.collate
     batch = next(iter(new))
     assert tuple(batch["image"].shape) == (2, 3, 64, 64)
 
@@ -108,7 +110,7 @@ def test_eval_samples_follow_the_network_convention(tmp_path):
 
     from pinet_lightning.codec.conventions import get_convention
 
-    ours, published = _dm(tmp_path), _dm(tmp_path, convention="published")
+    ours, published = _dm(tmp_path), _dm(tmp_path, codec={"convention": "published"})
     for dm in (ours, published):
         dm.prepare_data()
         dm.setup("validate")
@@ -119,4 +121,4 @@ def test_eval_samples_follow_the_network_convention(tmp_path):
     np.testing.assert_allclose(b["back_transform"].numpy(), want[1], atol=1e-6)
     assert not torch.allclose(a["back_transform"], b["back_transform"])
     with pytest.raises(ValueError, match="unknown convention"):
-        _dm(tmp_path, convention="pixel")
+        _dm(tmp_path, codec={"convention": "pixel"})

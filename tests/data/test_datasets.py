@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.layouts import get_layout
-from pinet_lightning.data.datasets import CocoKeypointDataset, dataset_paths
+from pinet_lightning.data.datasets import CocoKeypointDataset
+
+# 64 px inputs, dense targets (the tests read the maps)
+CODEC_64 = PINetCodec(input_size=64, sparse=False)
 
 IDENTITY = {"max_rotation": 0, "min_scale": 1, "max_scale": 1, "max_translate": 0,
             "flip_prob": 0.0}
@@ -52,7 +56,7 @@ def test_wrong_keypoint_count_names_file_and_fix(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(5, 5)])
     with pytest.raises(ValueError, match=r"ann\.json.*has 14 keypoints.*17 are expected.*"
                        r"layout is 'coco'.*top-level override layout=crowdpose"):
-        CocoKeypointDataset(img_dir, ann, layout="coco")
+        CocoKeypointDataset(img_dir, ann, codec=PINetCodec("coco", sparse=False))
 
 
 def test_unreadable_and_missing_image_raise(tmp_path):
@@ -60,12 +64,14 @@ def test_unreadable_and_missing_image_raise(tmp_path):
               {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]
     img_dir, ann = _write(tmp_path, [_person(5, 5), _person(5, 5, image_id=2, ann_id=2)], images)
     (img_dir / "a.jpg").write_bytes(b"not a jpeg")
-    ds = CocoKeypointDataset(img_dir, ann, train=False, input_size=64)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                             train=False)
     with pytest.raises(OSError, match=r"a\.jpg.*image id 1"):
         ds[0]
     (img_dir / "b.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"b\.jpg"):  # found at the start
-        CocoKeypointDataset(img_dir, ann, train=False, input_size=64)
+        CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                            train=False)
 
 
 def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
@@ -75,8 +81,8 @@ def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
     empty = {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "keypoints": [0] * 3 * K,
              "num_keypoints": 0, "bbox": [0, 48, 16, 16]}  # no segmentation: its box
     img_dir, ann = _write(tmp_path, [_person(8, 8), crowd, empty])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             ignore_regions=True)  # COCO's choice
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                             augmentation=IDENTITY, ignore_regions=True)  # COCO's choice
     _, info, anns = ds.load(0)
     kps, boxes, mask = ds.people(anns, 64, 64)
     # the empty non-crowd annotation is a person (no keypoints: no targets), the crowd not
@@ -91,7 +97,8 @@ def test_ignore_mask_from_crowd_and_empty_people(tmp_path):
     assert torch.all(hm[:, 13:, 0:3] == 0)
     assert torch.all(hm[:, 6:9, 6:9] > 0)
     # CrowdPose / OCHuman (the default): no ignore mask
-    plain = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY)
+    plain = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                                augmentation=IDENTITY)
     assert plain.people(anns, 64, 64)[2].min() == 1
     assert torch.all(plain[0]["heatmap_mask"] > 0)
 
@@ -106,8 +113,8 @@ def test_crowdpose_head_and_neck_only_people_are_trained_on(tmp_path):
                  "keypoints": kp.reshape(-1).tolist(), "num_keypoints": 0,
                  "bbox": [30, 24, 20, 24]}
     img_dir, ann = _write(tmp_path, [_person(4, 4), head_only])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             targets={"sigma": 1.0})
+    codec = PINetCodec(input_size=64, targets={"sigma": 1.0}, sparse=False)
+    ds = CocoKeypointDataset(img_dir, ann, codec=codec, train=True, augmentation=IDENTITY)
     kps, _, mask = ds.people(ds.load(0)[2], 64, 64)
     assert len(kps) == 2 and mask.min() == 1
     s = ds[0]
@@ -122,7 +129,7 @@ def test_crowdpose_head_and_neck_only_people_are_trained_on(tmp_path):
 def test_padding_is_ignored_by_the_heatmap_loss(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(20, 20)])
     zoom_out = {**IDENTITY, "min_scale": 2.0, "max_scale": 2.0}  # image = central half
-    s = CocoKeypointDataset(img_dir, ann, train=True, input_size=64,
+    s = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
                             augmentation=zoom_out)[0]
     # 16 x 16 output cells; the image covers the central 8 x 8, the rest is padding
     inside = torch.zeros(16, 16, dtype=torch.bool)
@@ -130,7 +137,7 @@ def test_padding_is_ignored_by_the_heatmap_loss(tmp_path):
     assert torch.all(s["heatmap_mask"][:, ~inside] == 0)
     assert torch.all(s["part_mask"][:, ~inside] == 0)
     assert torch.all(s["heatmap_mask"][:, inside] > 0)
-    kept = CocoKeypointDataset(img_dir, ann, train=True, input_size=64,
+    kept = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
                                augmentation={**zoom_out, "ignore_padding": False})[0]
     assert torch.all(kept["heatmap_mask"] > 0)
 
@@ -150,16 +157,18 @@ def test_image_filters(tmp_path):
     anns = [labelled(10, 1, 1), labelled(6, 2, 2), labelled(6, 2, 3), crowd]  # image 4: none
     img_dir, ann = _write(tmp_path, anns, images)
     # CrowdPose / OCHuman: every image with at least one annotation, even a crowd region
-    assert CocoKeypointDataset(img_dir, ann, input_size=64).image_ids == [1, 2, 3]
+    assert CocoKeypointDataset(img_dir, ann,
+                               codec=CODEC_64).image_ids == [1, 2, 3]
     # COCO: labelled keypoints (v > 0) summing to more than 10
-    coco = CocoKeypointDataset(img_dir, ann, input_size=64, min_image_keypoints=10)
+    coco = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                               min_image_keypoints=10)
     assert coco.image_ids == [2]
 
 
 def test_train_sample_shapes_and_keypoint_cells(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(9.5, 9.5)])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, output_stride=4,
-                             augmentation=IDENTITY, targets={"sigma": 1.0})
+    codec = PINetCodec(input_size=64, output_stride=4, targets={"sigma": 1.0}, sparse=False)
+    ds = CocoKeypointDataset(img_dir, ann, codec=codec, train=True, augmentation=IDENTITY)
     s = ds[0]
     layout = get_layout("crowdpose")
     p = layout.num_parts
@@ -180,16 +189,19 @@ def test_train_mode_skips_images_without_people(tmp_path, caplog):
               {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]
     img_dir, ann = _write(tmp_path, [_person(5, 5, image_id=2)], images)
     with caplog.at_level("INFO", logger="pinet_lightning.data.datasets"):
-        train = CocoKeypointDataset(img_dir, ann, train=True, input_size=64)
+        train = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                                    train=True)
     assert train.image_ids == [2]
     assert "skipped 1 without annotations" in caplog.text
-    assert CocoKeypointDataset(img_dir, ann, train=False, input_size=64).image_ids == [1, 2]
+    assert CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                               train=False).image_ids == [1, 2]
 
 
 def test_eval_sample_back_transform(tmp_path):
     images = [{"id": 7, "file_name": "a.jpg", "height": 50, "width": 80}]
     img_dir, ann = _write(tmp_path, [_person(5, 5, image_id=7)], images)
-    ds = CocoKeypointDataset(img_dir, ann, train=False, input_size=64)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                             train=False)
     s = ds[0]
     assert s["image"].dtype == torch.uint8 and tuple(s["image"].shape) == (3, 64, 128)
     assert s["image_id"] == 7 and tuple(s["orig_size"]) == (50, 80)
@@ -202,7 +214,8 @@ def test_eval_sample_back_transform(tmp_path):
 
 def test_synthetic_crowd_train_sample(synthetic_crowd):
     images, ann = synthetic_crowd
-    ds = CocoKeypointDataset(images, ann, train=True, input_size=128)
+    ds = CocoKeypointDataset(images, ann, codec=PINetCodec(input_size=128, sparse=False),
+                             train=True)
     s = ds[0]
     assert tuple(s["heatmaps"].shape) == (14, 32, 32)
     assert s["heatmaps"].max() > 0.9 and (s["offset_weights"] > 0).any()
@@ -212,21 +225,9 @@ def test_real_crowdpose_annotations(crowdpose_val_json, tmp_path):
     (tmp_path / "images").mkdir()
     for image in json.loads(crowdpose_val_json.read_text())["images"]:
         (tmp_path / "images" / image["file_name"]).touch()  # present (checked at start)
-    ds = CocoKeypointDataset(tmp_path / "images", crowdpose_val_json, layout="crowdpose")
+    ds = CocoKeypointDataset(tmp_path / "images", crowdpose_val_json,
+                             codec=PINetCodec("crowdpose", sparse=False))
     assert 0 < len(ds) <= 2000
     with pytest.raises(ValueError, match="crowdpose_val.json"):
-        CocoKeypointDataset(tmp_path / "images", crowdpose_val_json, layout="coco")
-
-
-def test_dataset_paths_presets(tmp_path):
-    assert dataset_paths("crowdpose", tmp_path, "trainval") == (
-        tmp_path / "images", tmp_path / "json" / "crowdpose_trainval.json")
-    assert dataset_paths("coco", tmp_path, "val") == (
-        tmp_path / "val2017", tmp_path / "annotations" / "person_keypoints_val2017.json")
-    assert dataset_paths("ochuman", tmp_path, "test") == (
-        tmp_path / "images", tmp_path / "ochuman_coco_format_test_range_0.00_1.00.json")
-    assert dataset_paths("custom", images="i", annotations="a.json") == (Path("i"), Path("a.json"))
-    with pytest.raises(ValueError, match="custom"):
-        dataset_paths("custom", tmp_path)
-    with pytest.raises(ValueError, match="known"):
-        dataset_paths("mpii", tmp_path)
+        CocoKeypointDataset(tmp_path / "images", crowdpose_val_json,
+                            codec=PINetCodec("coco", sparse=False))

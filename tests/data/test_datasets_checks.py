@@ -162,30 +162,6 @@ def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
         read_image(tmp_path / "junk.jpg")
 
 
-def test_dataset_paths_of_each_preset(tmp_path):
-    from pinet_lightning.data.datasets import dataset_paths
-
-    assert dataset_paths("crowdpose", tmp_path) == (
-        tmp_path / "images", tmp_path / "json" / "crowdpose_train.json")
-    assert dataset_paths("COCO", tmp_path, "val") == (
-        tmp_path / "val2017", tmp_path / "annotations" / "person_keypoints_val2017.json")
-    assert dataset_paths("coco", tmp_path, "train2017")[0] == tmp_path / "train2017"
-    assert dataset_paths("ochuman", tmp_path, "test") == (
-        tmp_path / "images", tmp_path / "ochuman_coco_format_test_range_0.00_1.00.json")
-    assert dataset_paths("custom", tmp_path, images="im", annotations="a.json") == (
-        tmp_path / "im", tmp_path / "a.json")
-    assert dataset_paths("custom", images="im", annotations="a.json") == (
-        tmp_path.__class__("im"), tmp_path.__class__("a.json"))
-    for kwargs, match in [({"name": "custom", "images": "im"},
-                           r"^dataset 'custom' needs explicit images=<dir> and "
-                           r"annotations=<json>$"),
-                          ({"name": "mpii", "root": tmp_path}, r"unknown dataset preset 'mpii'"),
-                          ({"name": "coco"}, r"dataset preset 'coco' needs root=<dataset "
-                                             r"folder>")]:
-        with pytest.raises(ValueError, match=match):
-            dataset_paths(**kwargs)
-
-
 def test_hull_of_the_labelled_keypoints():
     from pinet_lightning.data.datasets import _hull
 

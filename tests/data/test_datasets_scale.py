@@ -9,7 +9,11 @@ import pytest
 import torch
 from test_datasets import IDENTITY, K, _person, _write
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.data.datasets import CocoKeypointDataset
+
+# 64 px inputs, dense targets (the tests read the maps)
+CODEC_64 = PINetCodec(input_size=64, sparse=False)
 
 
 def _weights(sample: dict) -> set[float]:
@@ -27,7 +31,8 @@ def test_offset_weights_use_the_area_after_the_augmentation(tmp_path, crop, magn
     person["bbox"] = [20, 20, 14, 21]  # not square: w * h, not h * h
     img_dir, ann = _write(tmp_path, [person])
     aug = {**IDENTITY, "min_scale": crop, "max_scale": crop}
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=aug)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                             augmentation=aug)
     assert _weights(ds[0]) == {round(1 / (np.sqrt(14 * 21) * magnification), 6)}
 
 
@@ -44,8 +49,8 @@ def test_a_cell_half_ignored_is_ignored(tmp_path):
     # not a sample between the middle pixels)
     img_dir, ann = _write(tmp_path, [_person(20, 20), crowd(2, 8, 2), crowd(3, 24, 1),
                                      crowd(4, 40, 3), crowd(5, 56, 1, 24), crowd(6, 59, 1, 24)])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             ignore_regions=True)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                             augmentation=IDENTITY, ignore_regions=True)
     mask = ds[0]["heatmap_mask"]
     assert torch.all(mask[:, 2, 2] == 0)  # half ignored
     assert torch.all(mask[:, 6, 6] > 0)  # a quarter ignored
@@ -66,8 +71,8 @@ def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
     unlabelled = dict(_person(50, 40, ann_id=4), keypoints=[0.0] * (3 * K), num_keypoints=0)
     del unlabelled["iscrowd"]  # no flag and nothing labelled: still a person (not a crowd)
     img_dir, ann = _write(tmp_path, [_person(40, 4), no_flag, labelled_crowd, unlabelled])
-    ds = CocoKeypointDataset(img_dir, ann, train=True, input_size=64, augmentation=IDENTITY,
-                             ignore_regions=True)
+    ds = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                             augmentation=IDENTITY, ignore_regions=True)
     anns = ds.load(0)[2]
     kps, boxes, mask = ds.people(anns, 64, 64)
     assert len(kps) == 4  # all four are people
@@ -78,7 +83,10 @@ def test_augmentation_reseeded_from_torch_per_worker(tmp_path):
     import torch as _torch
 
     img_dir, ann = _write(tmp_path, [_person(20, 20)])
-    make = lambda: CocoKeypointDataset(img_dir, ann, train=True, input_size=64)  # noqa: E731
+    def make() -> CocoKeypointDataset:
+        return CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
+                                   train=True)
+
     _torch.manual_seed(5)
     first = make()
     a, b = first[0]["image"], first[0]["image"]
@@ -94,22 +102,24 @@ def test_eval_samples_and_settings(tmp_path, caplog):
     img_dir, ann = _write(tmp_path, [_person(5, 5)], images=[
         {"id": 1, "file_name": "a.jpg", "height": 64, "width": 96},
         {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}])
-    ds = CocoKeypointDataset(img_dir, ann, train=False, input_size=80, multiple=32)
+    ds = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(input_size=96), train=False,
+                             multiple=64)
     sample = ds[0]
-    assert sample["image"].shape == (3, 96, 128)  # short side 80 -> 96 x 120 -> multiples of 32
+    assert sample["image"].shape == (3, 128, 192)  # short side 96 -> 96 x 144 -> multiples of 64
     assert sample["image_id"] == 1 and sample["orig_size"] == (64, 96)
-    published = CocoKeypointDataset(img_dir, ann, train=False, convention="published")
-    assert published.convention.name == "published" and ds.convention.name == "cell_center"
+    published = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(convention="published"),
+                                    train=False)
+    assert published.codec.convention == "published" and ds.codec.convention == "cell_center"
     with caplog.at_level(logging.INFO, logger="pinet_lightning.data.datasets"):
-        CocoKeypointDataset(img_dir, ann, train=True, input_size=64)
-        CocoKeypointDataset(img_dir, ann, train=True, input_size=64, min_image_keypoints=20)
+        CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True)
+        CocoKeypointDataset(img_dir, ann, codec=CODEC_64, train=True,
+                            min_image_keypoints=20)
     assert "ann.json: training on 1 images, skipped 1 without annotations" in caplog.text
     assert ("ann.json: training on 0 images, skipped 2 with 20 labelled keypoints or fewer"
             in caplog.text)
-    with pytest.raises(FileNotFoundError, match="does not exist; check the dataset root and "
-                                                r"split \(see pinet_lightning.data.datasets."
-                                                r"dataset_paths for the expected layout\)"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; check the dataset root "
+                                                r"\(paths.data_dir .*conf/data/<dataset>.yaml"):
         CocoKeypointDataset(img_dir, tmp_path / "none.json")
-    with pytest.raises(ValueError, match="input_size 66 must be a multiple of the output "
-                                         "stride 4"):
-        CocoKeypointDataset(img_dir, ann, input_size=66)
+    with pytest.raises(ValueError, match="codec.input_size=66 must be a positive multiple of "
+                                         "32.*use codec.input_size=64 or 96"):
+        CocoKeypointDataset(img_dir, ann, codec=PINetCodec(input_size=66, sparse=False))

@@ -11,7 +11,6 @@ from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.inference.decoding import (
     DecodeConfig,
-    cells_to_image,
     decode_outputs,
     find_peaks,
     gather_offsets,
@@ -328,14 +327,6 @@ def test_flip_test_of_a_symmetric_input_gives_symmetric_poses():
     with torch.inference_mode():
         coarse = decode_outputs(outputs, LAYOUT, cfg)["poses"][0][valid]
     assert (coarse[..., :2] - poses[..., :2]).abs().max() > 1e-3
-
-
-def test_cells_to_image_convention():
-    poses = torch.tensor([[[[0.0, 0.0, 0.7], [10.0, 3.0, 0.2]]]])
-    back = torch.tensor([[[2.0, 0.0, 100.0], [0.0, 3.0, 0.0]]])
-    got = cells_to_image(poses, back)
-    want = torch.tensor([[[[2 * 1.5 + 100, 3 * 1.5, 0.7], [2 * 41.5 + 100, 3 * 13.5, 0.2]]]])
-    assert torch.allclose(got, want)
 
 
 def test_decode_config_from_mapping_and_errors():

@@ -16,7 +16,6 @@ from pinet_lightning.inference.decoding import (
     DecodeConfig,
     ScaleDecoding,
     _resize_input,
-    cells_to_image,
     decode_outputs,
     find_peaks,
     fuse_batch,
@@ -140,16 +139,6 @@ def test_resize_input_sizes_and_values():
     assert _resize_input(ramp, 0.3, 4).shape[-2:] == (4, 4)  # never under one multiple
     # 96 * 1.5 / 32 = 4.5 rounds (to even) to 4
     assert _resize_input(torch.zeros(1, 3, 64, 96), 1.5, 32).shape[-2:] == (96, 128)
-
-
-def test_cells_to_image_scale_per_axis_and_float64_transforms():
-    poses = torch.tensor([[[[1.0, 2.0, 0.5]]]])
-    back = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
-    x_in, y_in = 4 * 1.0 + 1.5, 4 * 2.0 + 1.5
-    for scale in [(2.0, 1.0), (1.0, 2.0)]:
-        got = cells_to_image(poses, back, input_scale=scale)
-        want = [(x_in + 0.5) * scale[0] - 0.5, (y_in + 0.5) * scale[1] - 0.5, 0.5]
-        assert got[0, 0, 0].tolist() == pytest.approx(want)
 
 
 class _Stub(torch.nn.Module):

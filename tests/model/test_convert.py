@@ -48,7 +48,8 @@ def test_every_published_tensor_maps_and_loads_strictly(published_state, convert
     assert len(ours) == len(published_state) == 1895
     assert net.layout.name == "crowdpose" and net.refine_layers == 3
     assert net.convention.name == "published" and net.backbone_name == "hrnet_w32"
-    assert net.extra["input_size"] == 512
+    assert net.extra["codec"]["input_size"] == 512
+    assert net.extra["codec"]["convention"] == "published" and "decode" not in net.extra
     # Same values, each in its place (with the documented reshapes).
     pairs = {
         "backbone.conv1.weight": "backbone.body.conv1.weight",
@@ -91,7 +92,7 @@ def test_trainer_dict_with_module_prefix_and_raw_files(published_state, converte
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A raw published file loads directly too (converted on the fly).
     loaded = load_network(wrapped)
-    assert loaded.kind == "published" and loaded.input_size == 512
+    assert loaded.kind == "published" and loaded.codec.input_size == 512
     assert torch.equal(loaded.net.state_dict()["heads.heatmap.weight"],
                        b["heads.heatmap.weight"])
 

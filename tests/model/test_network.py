@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.targets import TARGET_KEYS
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.model.checkpoints import load_model, save_model
@@ -120,8 +121,8 @@ def _overfit_batch(images_dir, ann, size: int) -> dict[str, torch.Tensor]:
 
     off = {"max_rotation": 0, "min_scale": 1.0, "max_scale": 1.0, "max_translate": 0,
            "flip_prob": 0.0}
-    ds = CocoKeypointDataset(images_dir, ann, "crowdpose", train=True, input_size=size,
-                             augmentation=off)
+    codec = PINetCodec("crowdpose", input_size=size, sparse=False)
+    ds = CocoKeypointDataset(images_dir, ann, codec=codec, train=True, augmentation=off)
     samples = [ds[i] for i in range(4)]
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
             for key in ("image", *TARGET_KEYS)}

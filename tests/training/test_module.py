@@ -12,6 +12,7 @@ import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from pinet_lightning.codec.codec import PINetCodec  # noqa: E402
 from pinet_lightning.training.module import (  # noqa: E402
     NonFiniteLossError,
     PINetModule,
@@ -27,7 +28,8 @@ def small_module(**kwargs) -> PINetModule:
     torch.manual_seed(0)
     kwargs.setdefault("network", SMALL)
     kwargs.setdefault("decode", {"flip_test": True, "top_k": 10})
-    return PINetModule(layout="crowdpose", **kwargs)
+    kwargs.setdefault("codec", PINetCodec("crowdpose", input_size=INPUT))
+    return PINetModule(**kwargs)
 
 
 def make_datamodule(synthetic_crowd):
@@ -35,8 +37,8 @@ def make_datamodule(synthetic_crowd):
 
     images, ann = synthetic_crowd
     split = {"images": str(images), "annotations": str(ann)}
-    return PINetDataModule(layout="crowdpose", protocol="crowdpose", train=split, val=split,
-                           test=split, input_size=INPUT, batch_size=2, eval_batch_size=1,
+    return PINetDataModule(codec=PINetCodec("crowdpose", input_size=INPUT), protocol="crowdpose",
+                           train=split, val=split, test=split, batch_size=2, eval_batch_size=1,
                            num_workers=0, pin_memory=False, persistent_workers=False)
 
 
@@ -91,7 +93,7 @@ def test_resolve_switch():
 
 
 def test_scheduler_drops_lr_at_epoch_milestones():
-    module = small_module(optimizer={"lr": 2e-3, "milestones": [2, 4], "gamma": 0.1})
+    module = small_module(optimizer={"lr": 2e-3}, scheduler={"milestones": [2, 4], "gamma": 0.1})
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.Adam)
@@ -111,14 +113,18 @@ def test_hparams_plain_and_defaults():
     layout = {"name": "tiny", "names": ["a", "b", "c"], "flip_index": [1, 0, 2],
               "sigmas": [0.1, 0.1, 0.1], "parts": {"top": [2], "pair": [0, 1]},
               "skeleton": [[0, 2], [1, 2]]}
-    module = PINetModule(layout=OmegaConf.create(layout),
+    module = PINetModule(codec=OmegaConf.create({"layout": layout, "input_size": 64}),
                          network=OmegaConf.create(SMALL),
-                         optimizer=OmegaConf.create({"milestones": [3]}),
+                         scheduler=OmegaConf.create({"milestones": [3]}),
                          decode={"scales": (1.0,)})
     hp = module.hparams
-    assert type(hp["layout"]) is dict and hp["layout"] == layout  # stored as given, plain
+    assert type(hp["codec"]) is dict and type(hp["codec"]["layout"]) is dict  # plain data
+    assert hp["codec"]["layout"]["names"] == layout["names"] and hp["codec"]["input_size"] == 64
     assert type(hp["network"]) is dict and hp["network"]["backbone"] == "hrnet_w18_small"
-    assert hp["optimizer"] == {"lr": 1e-3, "milestones": [3], "gamma": 0.1}
+    assert hp["network"]["convention"] == "cell_center"  # the codec's
+    assert hp["optimizer"] == {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+    assert hp["scheduler"] == {"_target_": "torch.optim.lr_scheduler.MultiStepLR",
+                               "_partial_": True, "milestones": [3], "gamma": 0.1}
     assert hp["loss"]["offset_weight"] == 0.03 and hp["loss"]["proposals_per_part"] == 40
     assert hp["decode"]["scales"] == [1.0]
     assert module.layout.num_keypoints == 3
@@ -197,7 +203,9 @@ def test_fit_logs_finite_losses_and_val_metrics(fitted):
 def test_checkpoint_reloads_with_identical_outputs(fitted):
     module, _, _, ckpt, _ = fitted
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert raw["hyper_parameters"]["layout"] == "crowdpose"
+    assert raw["hyper_parameters"]["codec"]["layout"]["name"] == "crowdpose"
+    assert raw["hyper_parameters"]["codec"]["input_size"] == INPUT
+    assert raw["datamodule_hyper_parameters"]["codec"] == raw["hyper_parameters"]["codec"]
     assert raw["hyper_parameters"]["network"]["pretrained"] is None
     assert all(k.startswith(("net.", "criterion.")) for k in raw["state_dict"])
     assert any(k.startswith("net.") for k in raw["state_dict"])
@@ -226,7 +234,7 @@ def test_predict_step_returns_poses_per_image(fitted):
 
 def test_oracle_validation_and_test_metrics(synthetic_crowd, tmp_path):
     _, ann = synthetic_crowd
-    module = OracleModule(layout="crowdpose", network=SMALL, val_annotation_file=str(ann),
+    module = OracleModule(network=SMALL, val_annotation_file=str(ann),
                           test_annotation_file=str(ann), eval_protocol="crowdpose")
     dm = make_datamodule(synthetic_crowd)
     trainer = make_trainer(tmp_path)
@@ -246,7 +254,7 @@ def test_zero_predictions_give_zero_metrics(synthetic_crowd, tmp_path):
         def _predict_batch(self, batch):
             return {int(i): [] for i in batch["image_id"]}
 
-    module = Empty(layout="crowdpose", network=SMALL, val_annotation_file=str(ann))
+    module = Empty(network=SMALL, val_annotation_file=str(ann))
     (val,) = make_trainer(tmp_path).validate(module, datamodule=make_datamodule(synthetic_crowd))
     assert val["val/AP"] == 0.0 and val["val/poses"] == 0 and val["val/images"] == 8
 

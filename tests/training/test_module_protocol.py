@@ -56,19 +56,25 @@ def test_missing_ground_truth_names_the_setting():
         _source("coco", "test")
 
 
-def test_data_module_must_match_the_network_stride_and_convention():
-    """The network owns the output stride and the cell/pixel convention: a data module
-    stating another one is refused at setup, naming the setting (not a silent shift)."""
+def test_data_and_model_codecs_must_match_and_fit_the_network():
+    """The codec owns the output stride, the convention and the input size: a data module
+    built with another codec is refused at setup, and a codec the network does not fit is
+    refused at once, each naming the setting (not a silent shift)."""
+    from pinet_lightning.codec.codec import PINetCodec
     from pinet_lightning.codec.conventions import get_convention
-    from pinet_lightning.training.module import check_data_matches_network
+    from pinet_lightning.training.module import check_same_frame
 
+    ours = PINetCodec("crowdpose", input_size=128)
+    check_same_frame(ours, PINetCodec("crowdpose", input_size=128))
+    with pytest.raises(ValueError, match=r"differs from the model's in \['input_size'\]"):
+        check_same_frame(PINetCodec("crowdpose", input_size=256), ours)
+    with pytest.raises(ValueError, match=r"\['convention'\].*'published'"):
+        check_same_frame(PINetCodec("crowdpose", input_size=128, convention="published"), ours)
     net = SimpleNamespace(output_stride=4, convention=get_convention("cell_center"))
-    check_data_matches_network(SimpleNamespace(output_stride=4, convention="cell_center"), net)
-    check_data_matches_network(None, net)
-    check_data_matches_network(SimpleNamespace(), net)  # a user's own data module
-    with pytest.raises(ValueError, match="data.output_stride=4"):
-        check_data_matches_network(SimpleNamespace(output_stride=2, convention="cell_center"),
-                                   net)
-    with pytest.raises(ValueError, match="convention=cell_center"):
-        check_data_matches_network(SimpleNamespace(output_stride=4, convention="published"),
-                                   net)
+    ours.check_network(net)
+    ours.check_network(SimpleNamespace())  # a user's own network states neither
+    with pytest.raises(ValueError, match="codec.output_stride=4.*set codec.output_stride=2"):
+        ours.check_network(SimpleNamespace(output_stride=2, convention="cell_center"))
+    with pytest.raises(ValueError, match="codec.convention=published.*set "
+                                         "codec.convention=cell_center"):
+        PINetCodec("crowdpose", convention="published").check_network(net)

@@ -173,7 +173,6 @@ def child_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args(argv)
 
-
     logging.basicConfig(level=logging.INFO,
                         format=f"[rank {os.environ.get('LOCAL_RANK', '?')}] %(message)s")
     cfg = OmegaConf.load(args.config)

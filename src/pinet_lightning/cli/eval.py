@@ -3,12 +3,13 @@
     pinet-eval ckpt_path=outputs/synthetic/runs/<time>/checkpoints/last.ckpt
     pinet-eval ckpt_path=w32.ckpt data=crowdpose split=test paths.data_dir=/datasets
 
-The network, its layout and its cell/pixel convention come from the checkpoint (a Lightning
-``.ckpt``, a ``model.pt`` or the published weights, read by
-:func:`~pinet_lightning.model.checkpoints.load_network`);
-the data from ``data=...`` or, by default, from the data settings the checkpoint carries (its
-training run's). Prints the metric table and writes ``metrics.json`` and ``results.json``
-(COCO keypoint results) into the run directory. ``trainer=ddp`` evaluates on several devices.
+The network and its codec (layout, input size, cell/pixel convention) come from the
+checkpoint (a Lightning ``.ckpt``, a ``model.pt`` or the published weights, read by
+:func:`~pinet_lightning.model.checkpoints.load_network`; ``input_size=`` evaluates at another
+size); the data from ``data=...`` or, by default, from the data settings the checkpoint
+carries (its training run's). Prints the metric table and writes ``metrics.json`` and
+``results.json`` (COCO keypoint results) into the run directory. ``trainer=ddp`` evaluates on
+several devices.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 from pinet_lightning.cli.run import start_run, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.config import to_plain
 from pinet_lightning.data.datamodule import PINetDataModule
-from pinet_lightning.model.checkpoints import load_network
+from pinet_lightning.model.checkpoints import LoadedNetwork, load_network
 from pinet_lightning.training.module import PINetModule
 
 __all__ = ["main", "evaluate"]
@@ -36,21 +38,18 @@ __all__ = ["main", "evaluate"]
 log = logging.getLogger("pinet_lightning.eval")
 
 
-def _datamodule(cfg: DictConfig, loaded: Any) -> Any:
+def _datamodule(cfg: DictConfig, codec: PINetCodec, loaded: LoadedNetwork) -> PINetDataModule:
     """The data: ``data=...`` when given, else the training run's data settings the
-    checkpoint carries; either way the network's layout and convention."""
-
-
-    follow = {"layout": loaded.net.layout.to_dict(), "convention": loaded.net.convention.name}
+    checkpoint carries; either way in the checkpoint's frame (``codec``)."""
     if cfg.get("data") is not None:
-        return instantiate(cfg.data, **follow, _convert_="all")
+        return instantiate(cfg.data, codec=codec.to_dict(), _convert_="all")
     if not loaded.data:
         raise ValueError(
             f"pinet-eval: no data=... given and {cfg.ckpt_path} carries no data settings (a "
             "checkpoint of an older version, or the published weights): pass data=<synthetic "
             "| crowdpose | coco | ochuman | custom> (and its paths)")
     log.info("data settings of the training run, from %s", cfg.ckpt_path)
-    return PINetDataModule(**{**loaded.data, **follow})
+    return PINetDataModule(**{**loaded.data, "codec": codec})
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +60,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
 
-
     split = str(cfg.get("split", "test"))
     if split not in ("test", "val"):
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")
@@ -69,8 +67,11 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     loaded = load_network(Path(str(cfg.ckpt_path)).expanduser(),
                           trust_checkpoint=bool(cfg.get("trust_checkpoint", False)))
-    model = PINetModule(net=loaded.net, decode=to_plain(cfg.decode))
-    datamodule = _datamodule(cfg, loaded)
+    codec = loaded.codec
+    if cfg.get("input_size") is not None:
+        codec = PINetCodec.from_any(codec, input_size=int(cfg.input_size))
+    model = PINetModule(codec=codec, net=loaded.net, decode=to_plain(cfg.decode))
+    datamodule = _datamodule(cfg, codec, loaded)
     if datamodule.layout.num_keypoints != model.layout.num_keypoints:
         raise ValueError(f"pinet-eval: the checkpoint's layout has {model.layout.num_keypoints}"
                          f" keypoints but the data has {datamodule.layout.num_keypoints}")
@@ -91,7 +92,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         shutil.copyfile(evaluation.results_path, out_dir / "results.json")
         metrics["results_json"] = str(out_dir / "results.json")
     metrics.update({"checkpoint": str(Path(str(cfg.ckpt_path)).resolve()), "split": split,
-                    "protocol": datamodule.protocol, "convention": datamodule.convention,
+                    "protocol": datamodule.protocol, "convention": codec.convention,
+                    "input_size": codec.input_size,
                     "run_dir": str(out_dir)})
     write_metrics(out_dir / "metrics.json", metrics)
     print_metric_table(metrics, title=f"PINet eval ({split}): {cfg.ckpt_path}")

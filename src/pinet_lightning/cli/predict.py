@@ -129,7 +129,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 def _load_predictor(cfg: DictConfig, source: Path) -> Predictor:
     """The predictor for ``cfg.ckpt_path`` with the run's device, size, batch and decoding."""
-    # input_size null: the size the network was trained at (model.pt or the run's config)
+    # input_size null: the codec the checkpoint records (its input size)
     predictor = load_inference_net(cfg.ckpt_path, device=str(cfg.get("device", "auto")),
                                    input_size=cfg.get("input_size"),
                                    batch_size=int(cfg.get("batch_size", 1)),
@@ -199,7 +199,6 @@ class _Outputs:
 
     def _draw(self, name: str, image: np.ndarray, people: list[Person]) -> None:
         """Save the image with the skeletons drawn; append it to the video for a video."""
-
 
         cfg = self.cfg
         poses = (np.stack([p.keypoints for p in people]) if people

@@ -44,7 +44,6 @@ def start_run(cfg: DictConfig) -> Path:
     alone: not our DDP children, not srun / torchrun ranks > 0) and the seed; returns the
     run directory."""
 
-
     setup_threads(cfg)
     out_dir = Path(str(cfg.paths.output_dir)).resolve()
     if not is_ddp_child() and external_rank() == 0:

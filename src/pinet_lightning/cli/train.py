@@ -206,7 +206,6 @@ def reported_checkpoint(rule: str, best_by_val: str | None, last: str | None) ->
 def _checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None, float | None]:
     """(best val/AP checkpoint, last checkpoint, best val/AP) from the trainer's callbacks."""
 
-
     best = last = score = None
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, LastCheckpoint):

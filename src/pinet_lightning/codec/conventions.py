@@ -34,7 +34,8 @@ from pinet_lightning.core.constants import IMAGENET_MEAN
 from pinet_lightning.core.images import inference_resize
 from pinet_lightning.core.sampling import sample_maps
 
-__all__ = ["Convention", "CellCenter", "Published", "get_convention", "CONVENTIONS"]
+__all__ = ["Convention", "CellCenter", "Published", "get_convention", "CONVENTIONS",
+           "cells_to_image"]
 
 
 class Convention:
@@ -190,3 +191,23 @@ def get_convention(spec: str | Convention | None) -> Convention:
         return CONVENTIONS[str(spec).lower()]
     except KeyError:
         raise ValueError(f"unknown convention '{spec}'; known: {sorted(CONVENTIONS)}") from None
+
+
+def cells_to_image(poses: Tensor, back_transforms: Tensor,
+                   convention: str | Convention | None = None, stride: int = 4,
+                   input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """Output cells -> network-input pixels (the convention's mapping) -> original pixels.
+
+    Args:
+        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
+        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
+        input_scale: (sx, sy) = base input size / this scale's input size (multi-scale);
+            pixel centers stay aligned: x_base = (x + 0.5) * sx - 0.5.
+    """
+    xy = get_convention(convention).cell_to_input(poses[..., :2], stride)
+    if input_scale != (1.0, 1.0):
+        scale = xy.new_tensor(input_scale)
+        xy = (xy + 0.5) * scale - 0.5
+    a = back_transforms.to(device=poses.device, dtype=torch.float32)
+    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], xy) + a[:, None, None, :, 2]
+    return torch.cat([mapped, poses[..., 2:]], -1)

@@ -46,8 +46,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from pinet_lightning.core.layouts import Layout, get_layout
 
@@ -56,9 +54,6 @@ __all__ = [
     "densify_offsets",
     "PINetTargetCodec",
     "part_centers",
-    "render_windows",
-    "heatmap_targets",
-    "OmegaBatch",
     "TARGET_KEYS",
 ]
 
@@ -477,140 +472,3 @@ class PINetTargetCodec:
             window_margin=self.window_margin,
             heatmaps_format=self.heatmaps_format,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# The sparse batch on the device: the loss and the proposal sampling read it as it is.
-
-
-def render_windows(channel: Tensor, first: Tensor, length: Tensor, gauss: Tensor,
-                   shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-    """Dense heatmaps and their window mask from Gaussian windows, on the windows' device.
-
-    Args:
-        channel: (M,) channel of each window in ``shape[0]`` (for a batch: image * (K + P)
-            + channel).
-        first, length, gauss: the window form of :func:`encode_targets`
-            (``heatmaps_format="windows"``): (M, 2), (M, 2), (M, 2, L).
-        shape: (C, H, W) of the output.
-    Returns:
-        ``heat`` (C, H, W) float32, max-combined as the dense encoder does (bit for bit), and
-        ``window`` (C, H, W) bool, True on every window cell. Static shapes: no host sync.
-    """
-    c, h, w = shape
-    steps = torch.arange(gauss.shape[-1], device=gauss.device)
-    first, length, channel = first.long(), length.long(), channel.long()
-    inside = steps < length[:, :, None]  # (M, 2, L)
-    cols = first[:, 0, None] + steps
-    rows = (channel[:, None] * h + first[:, 1, None] + steps) * w
-    dump = c * h * w  # cells outside a window go to one extra slot, dropped at the end
-    flat = torch.where(inside[:, 1, :, None] & inside[:, 0, None, :],
-                       rows[:, :, None] + cols[:, None, :], dump).reshape(-1)
-    values = (gauss[:, 1, :, None] * gauss[:, 0, None, :]).reshape(-1)  # float32 as numpy's
-    heat = torch.zeros(dump + 1, dtype=torch.float32, device=gauss.device)
-    heat.scatter_reduce_(0, flat, values.float(), reduce="amax")  # max: order-independent
-    window = torch.zeros(dump + 1, dtype=torch.bool, device=gauss.device)
-    window.index_fill_(0, flat, True)
-    return heat[:-1].view(c, h, w), window[:-1].view(c, h, w)
-
-
-HEATMAP_KEYS: tuple[str, ...] = TARGET_KEYS[:4]
-WINDOW_KEYS: tuple[str, ...] = ("window_channel", "window_first", "window_length",
-                                "window_gauss", "ignore_mask", "bg_weight", "target_shape")
-OMEGA_KEYS: tuple[str, ...] = ("omega_index", "omega_offsets", "omega_weights", "target_shape")
-
-
-def heatmap_targets(batch: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The four dense heatmap targets of a training batch (B, K or P, H, W): the batch's own,
-    or rendered on its device from its Gaussian windows (what ``train_collate`` makes of
-    ``heatmaps_format="windows"`` samples; equal to the dense encoder's, bit for bit)."""
-    if all(key in batch for key in HEATMAP_KEYS):
-        return {key: batch[key] for key in HEATMAP_KEYS}
-    missing = [key for key in WINDOW_KEYS if key not in batch]
-    if missing:
-        raise KeyError(f"the batch has neither the dense heatmap targets "
-                       f"{list(HEATMAP_KEYS)} nor the Gaussian windows (lacks {missing}); "
-                       "build it with encode_targets and datamodule.train_collate")
-    k, p, h, w = (int(v) for v in batch["target_shape"])
-    ignore = batch["ignore_mask"]
-    b = ignore.shape[0]
-    heat, window = render_windows(batch["window_channel"], batch["window_first"],
-                                  batch["window_length"], batch["window_gauss"],
-                                  (b * (k + p), h, w))
-    heat, window = heat.view(b, k + p, h, w), window.view(b, k + p, h, w)
-    # Loss weight 1 in a window, the background weight elsewhere, times the ignore mask.
-    background = batch["bg_weight"].float().view(b, 1, 1, 1)
-    mask = torch.where(window, torch.ones((), device=heat.device), background)
-    mask = mask * ignore.float()[:, None]
-    return {"heatmaps": heat[:, :k], "heatmap_mask": mask[:, :k],
-            "part_heatmaps": heat[:, k:], "part_mask": mask[:, k:]}
-
-
-@dataclass(frozen=True)
-class OmegaBatch:
-    """Omega of a training batch (the offset targets where a weight is set), on a device.
-
-    ``index`` (E,) long: ascending flat positions in (B, P*K, H, W), i.e.
-    ``((b * P + p) * K + k) * H * W + y * W + x``; ``offsets`` (E, 2) float32 (x, y);
-    ``weights`` (E,) float32; ``shape`` (B, P, K, H, W). Each entry stands for the two
-    dense channels ``(p * K + k) * 2 + c`` (x and y) at cell (x, y), which share its weight.
-    Every method uses gathers, scatters and searches of static shape: no host sync.
-    """
-
-    index: Tensor
-    offsets: Tensor
-    weights: Tensor
-    shape: tuple[int, int, int, int, int]
-
-    @classmethod
-    def from_batch(cls, batch: Mapping[str, Any], batch_size: int) -> OmegaBatch:
-        """The Omega entries of a batch from ``train_collate`` (``omega_*`` keys)."""
-        missing = [key for key in OMEGA_KEYS if key not in batch]
-        if missing:
-            raise KeyError(f"the batch has neither the dense offset targets "
-                           f"['offsets', 'offset_weights'] nor Omega (lacks {missing}); build "
-                           "it with encode_targets and datamodule.train_collate")
-        k, p, h, w = (int(v) for v in batch["target_shape"])
-        return cls(batch["omega_index"].long(), batch["omega_offsets"],
-                   batch["omega_weights"], (int(batch_size), p, k, h, w))
-
-    def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per entry: image, channel pair p * K + k, row, column."""
-        _, p, k, h, w = self.shape
-        plane, cell = self.index // (h * w), self.index % (h * w)
-        return plane // (p * k), plane % (p * k), cell // w, cell % w
-
-    def at_entries(self, maps: Tensor) -> Tensor:
-        """(E, 2): the x and y channels of dense offset maps (B, P*K*2, H, W) at Omega."""
-        b, pair, y, x = self._split()
-        channel = (2 * pair)[:, None] + torch.arange(2, device=pair.device)
-        return maps[b[:, None], channel, y[:, None], x[:, None]]
-
-    def part_weights(self) -> Tensor:
-        """(B, P, H, W): the largest offset weight of each part at each cell (0 off Omega),
-        the sparse form of ``offset_weights.view(B, P, K*2, H, W).amax(2)``."""
-        b, p, k, h, w = self.shape
-        part_cell = (self.index // (k * h * w)) * (h * w) + self.index % (h * w)
-        out = torch.zeros(b * p * h * w, dtype=self.weights.dtype, device=self.weights.device)
-        out.scatter_reduce_(0, part_cell, self.weights, reduce="amax")
-        return out.view(b, p, h, w)
-
-    def at_cells(self, cells: Tensor, batch_index: Tensor, part_index: Tensor
-                 ) -> tuple[Tensor, Tensor]:
-        """Target offsets and weights (N, K, 2) of each proposal's own part at its cell
-        (x, y): the K keypoints' entries where Omega has them, 0 elsewhere, as the dense
-        maps read there would give."""
-        _, p, k, h, w = self.shape
-        cells = cells.long()
-        plane = (batch_index.long() * p + part_index.long())[:, None] * k + torch.arange(
-            k, device=cells.device)
-        query = plane * (h * w) + (cells[:, 1] * w + cells[:, 0])[:, None]  # (N, K)
-        # A sentinel past every query keeps the search result a valid position when E = 0.
-        index = torch.cat([self.index, self.index.new_full((1,), torch.iinfo(torch.int64).max)])
-        at = torch.searchsorted(index, query)  # (N, K), in 0..E
-        found = index[at] == query
-        offsets = torch.cat([self.offsets, self.offsets.new_zeros(1, 2)])[at]
-        weights = torch.cat([self.weights, self.weights.new_zeros(1)])[at]
-        offsets = torch.where(found[..., None], offsets, 0.0)
-        weights = torch.where(found, weights, 0.0)[..., None].expand(-1, -1, 2)
-        return offsets, weights

@@ -22,7 +22,6 @@ __all__ = ["to_plain"]
 def to_plain(value: Any) -> Any:
     """``value`` as plain dicts / lists / str / numbers (see the module docstring)."""
 
-
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Layout):

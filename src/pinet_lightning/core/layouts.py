@@ -1,17 +1,20 @@
 """Keypoint layouts: names, flip order, OKS sigmas, body parts and skeleton.
 
-A layout is data, not code (docs/algorithm.md, section 1): the built-in ones are plain
-dictionaries and a new COCO-format dataset describes its own keypoints in a config file, passed to
-:func:`get_layout` as a mapping.
+A layout is data, not code (docs/algorithm.md, section 1): the built-in ones are the YAML files
+of the ``layout`` config group (conf/layout/*.yaml, packaged with the library), and a new
+COCO-format dataset describes its own keypoints in such a file, passed to :func:`get_layout`
+as a mapping (or registered by name with :func:`register_layout`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 __all__ = ["Layout", "get_layout", "register_layout", "available_layouts"]
 
@@ -114,65 +117,35 @@ class Layout:
         )
 
 
-_COCO = {
-    "name": "coco",
-    "names": [
-        "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-        "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-        "left_wrist", "right_wrist", "left_hip", "right_hip",
-        "left_knee", "right_knee", "left_ankle", "right_ankle",
-    ],
-    "flip_index": [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15],
-    "sigmas": [
-        0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
-        0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089,
-    ],
-    "parts": {"head": [0, 1, 2, 3, 4], "body": [5, 6, 11, 12], "legs": [11, 12, 13, 14, 15, 16]},
-    "skeleton": [
-        [0, 1], [0, 2], [1, 2], [1, 3], [2, 4],  # face: nose-eyes, eye-eye, eye-ears
-        [5, 6], [11, 12], [5, 11], [6, 12],  # torso: shoulders, hips, shoulder-hip
-        [5, 7], [7, 9], [6, 8], [8, 10],  # arms
-        [11, 13], [13, 15], [12, 14], [14, 16],  # legs
-    ],
-}
-
-_CROWDPOSE = {
-    "name": "crowdpose",
-    "names": [
-        "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-        "left_wrist", "right_wrist", "left_hip", "right_hip",
-        "left_knee", "right_knee", "left_ankle", "right_ankle", "head", "neck",
-    ],
-    "flip_index": [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 12, 13],
-    "sigmas": [
-        0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107,
-        0.087, 0.087, 0.089, 0.089, 0.079, 0.079,
-    ],
-    "parts": {"head": [12, 13], "body": [0, 1, 6, 7], "legs": [6, 7, 8, 9, 10, 11]},
-    "skeleton": [
-        [12, 13], [13, 0], [13, 1], [0, 1],  # head-neck, neck-shoulders, shoulder-shoulder
-        [0, 6], [1, 7], [6, 7],  # shoulder-hip, hip-hip
-        [0, 2], [2, 4], [1, 3], [3, 5],  # arms
-        [6, 8], [8, 10], [7, 9], [9, 11],  # legs
-    ],
-}
-
-# OCHuman annotates the 17 COCO keypoints.
-_OCHUMAN = {**_COCO, "name": "ochuman"}
-
+# The built-in layouts are data with one owner: the YAML files of the ``layout`` config group
+# (conf/layout/*.yaml, shipped inside the package), read on first use. A file whose name
+# starts with "custom" is an example to copy, not a layout.
+_LAYOUT_DIR = ("pinet_lightning.conf", "layout")
 _REGISTRY: dict[str, Layout] = {}
+_BUILTINS_READ = False
+
+
+def _read_builtins() -> None:
+    global _BUILTINS_READ
+    if _BUILTINS_READ:
+        return
+    _BUILTINS_READ = True
+    folder = resources.files(_LAYOUT_DIR[0]).joinpath(_LAYOUT_DIR[1])
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml") and not entry.name.startswith("custom"):
+            spec = OmegaConf.to_container(OmegaConf.create(entry.read_text()))
+            _REGISTRY.setdefault(str(spec["name"]).lower(), Layout.from_dict(spec))
 
 
 def register_layout(layout: Layout) -> None:
     """Make a layout available to :func:`get_layout` by its name."""
-    _REGISTRY[layout.name] = layout
-
-
-for _spec in (_COCO, _CROWDPOSE, _OCHUMAN):
-    register_layout(Layout.from_dict(_spec))
+    _read_builtins()
+    _REGISTRY[layout.name.lower()] = layout
 
 
 def available_layouts() -> list[str]:
+    """Names :func:`get_layout` knows: the built-in layouts and the registered ones."""
+    _read_builtins()
     return sorted(_REGISTRY)
 
 
@@ -182,6 +155,7 @@ def get_layout(spec: str | Mapping[str, Any] | Layout) -> Layout:
     if isinstance(spec, Layout):
         return spec
     if isinstance(spec, str):
+        _read_builtins()
         try:
             return _REGISTRY[spec.lower()]
         except KeyError:

@@ -1,5 +1,12 @@
-"""``PINetDataModule``: datasets, loaders and collates (keyword names fixed by
-docs/architecture.md, Hydra instantiates them).
+"""``PINetDataModule``: datasets, loaders and collates (Hydra instantiates it from conf/data).
+
+The frame and the targets are the codec's (:class:`~pinet_lightning.codec.codec.PINetCodec`,
+the ``codec`` config group): its layout, input size, convention and target settings reach the
+datasets, and its collate builds the training batches. The dataset class is a Hydra node
+(``dataset``: ``_target_`` and ``_partial_: true``; default
+:class:`~pinet_lightning.data.datasets.CocoKeypointDataset`), called once per split with the
+images folder, the annotation file, the codec and the data settings: a new annotation format
+is a new class named there.
 
 Data comes from explicit ``train`` / ``val`` / ``test`` ``{"images": dir, "annotations": json}``
 entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
@@ -7,8 +14,8 @@ entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
 records the knobs, and a set whose knobs match is not regenerated). The synthetic ``val`` set
 is also the test set unless ``test`` is given.
 
-Checked when the data module is built (config time, before any data is read):
-``input_size`` a multiple of 32 (:data:`INPUT_MULTIPLE`). Checked when the datasets are built
+Checked when the data module is built (config time, before any data is read): the codec
+(``codec.input_size`` a multiple of 32, ...). Checked when the datasets are built
 (``setup``, before training): the annotation files and image files
 (:mod:`pinet_lightning.core.annotations`); ``skip_invalid=True`` skips bad records and files with
 a logged count instead of stopping, and evaluation applies the same rule to the ground truth.
@@ -21,7 +28,6 @@ eval collate stacks images of one size; when sizes differ it raises (use
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 from collections.abc import Mapping
@@ -30,18 +36,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from pinet_lightning.codec.conventions import get_convention
-from pinet_lightning.codec.targets import OMEGA_KEYS, WINDOW_KEYS, PINetTargetCodec
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.config import to_plain
-from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.data.augmentation import TrainAugmentation
 from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
 from pinet_lightning.evaluation.coco import KeypointEvaluator
 
-__all__ = ["PINetDataModule", "train_collate", "eval_collate", "SYNTHETIC_DEFAULTS"]
+__all__ = ["PINetDataModule", "eval_collate", "SYNTHETIC_DEFAULTS", "DATASET_DEFAULT"]
 
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "root": "data/synthetic",
@@ -53,83 +58,19 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "overlap": 0.5,
     "seed": 0,
 }
-_TARGET_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(PINetTargetCodec)
-    if f.name not in ("layout", "output_size", "offsets_format", "heatmaps_format")
-}
-# data.sparse_targets: what the loader workers emit (and what crosses to the main process)
-_FORMATS = {True: {"offsets_format": "omega", "heatmaps_format": "windows"},
-            False: {"offsets_format": "dense", "heatmaps_format": "dense"}}
 _AUGMENTATION_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(TrainAugmentation).parameters.items()
     if name not in ("flip_index", "input_size", "seed")
+}
+DATASET_DEFAULT: dict[str, Any] = {
+    "_target_": f"{CocoKeypointDataset.__module__}.{CocoKeypointDataset.__qualname__}",
+    "_partial_": True,
 }
 _PEOPLE_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(CocoKeypointDataset).parameters.items()
     if name in ("ignore_regions", "min_image_keypoints")
 }
-INPUT_MULTIPLE = 32  # the backbone's coarsest stride (HRNet's 1/32 branch)
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
-
-
-# the per-entry keys of the sparse targets (targets.py owns the names): concatenated over the
-# batch; the per-sample ones (ignore_mask, bg_weight) are stacked, target_shape is shared
-_OMEGA_KEYS = tuple(key for key in OMEGA_KEYS if key.startswith("omega_"))
-_WINDOW_KEYS = tuple(key for key in WINDOW_KEYS if key.startswith("window_"))
-
-
-def train_collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Stack the dense keys of the training samples; concatenate the sparse ones.
-
-    Sparse samples (``offsets_format="omega"`` / ``heatmaps_format="windows"`` of
-    :func:`~pinet_lightning.codec.targets.encode_targets`) carry ``target_shape`` (K, P, H, W).
-    Their Omega entries are concatenated with batch offsets: ``omega_index`` becomes the
-    ascending flat position in (B, P*K, H, W) (int32 while that fits, the bytes that cross
-    the worker boundary), and each Gaussian window's ``window_channel`` its channel in
-    (B * (K + P)); ``target_shape`` stays a tuple of ints (never moved to a device).
-    :func:`~pinet_lightning.codec.targets.heatmap_targets` and
-    :class:`~pinet_lightning.codec.targets.OmegaBatch` read the result on the device.
-    """
-    first = batch[0]
-    out: dict[str, Any] = {}
-    sparse = set(_OMEGA_KEYS + _WINDOW_KEYS) & set(first)
-    for key in first:
-        if key not in sparse and key != "target_shape":
-            out[key] = torch.stack([s[key] for s in batch])
-    if not sparse:
-        return out
-    if "target_shape" not in first:
-        raise KeyError(f"train_collate: sparse samples (keys {sorted(sparse)}) need "
-                       "'target_shape' (K, P, H, W); build them with encode_targets")
-    shapes = {tuple(int(v) for v in s["target_shape"]) for s in batch}
-    if len(shapes) > 1:
-        raise ValueError(f"train_collate: samples of one batch have different target shapes "
-                         f"{sorted(shapes)} (K, P, H, W); use one layout and input size")
-    k, p, h, w = out["target_shape"] = shapes.pop()
-    if "omega_index" in first:
-        block = p * k * h * w
-        dtype = torch.int32 if len(batch) * block < 2**31 else torch.int64
-        parts = []
-        for b, s in enumerate(batch):
-            index = s["omega_index"]
-            # encode_targets writes each sample's Omega ascending and unique: the batch is
-            # then ascending too, which the loss's searches rely on.
-            if len(index) and (int(index[0]) < 0 or int(index[-1]) >= block
-                               or not bool((index[1:] > index[:-1]).all())):
-                raise ValueError(f"train_collate: sample {b} of the batch has Omega indices "
-                                 f"that are not ascending, unique and in [0, {block}) (P*K*H*W "
-                                 f"for target_shape {(k, p, h, w)}); build them with "
-                                 "encode_targets(offsets_format='omega')")
-            parts.append(index.to(dtype) + b * block)
-        out["omega_index"] = torch.cat(parts)
-        out["omega_offsets"] = torch.cat([s["omega_offsets"] for s in batch])
-        out["omega_weights"] = torch.cat([s["omega_weights"] for s in batch])
-    if "window_channel" in first:
-        out["window_channel"] = torch.cat([s["window_channel"].int() + b * (k + p)
-                                           for b, s in enumerate(batch)])
-        for key in _WINDOW_KEYS[1:]:
-            out[key] = torch.cat([s[key] for s in batch])
-    return out
 
 
 def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,22 +89,6 @@ def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _check_input_size(value: Any) -> int:
-    """``data.input_size``: a positive multiple of :data:`INPUT_MULTIPLE`."""
-    size = int(value)
-    if size <= 0 or size % INPUT_MULTIPLE:
-        below = max(size // INPUT_MULTIPLE, 1) * INPUT_MULTIPLE
-        above = (max(size, 0) // INPUT_MULTIPLE + 1) * INPUT_MULTIPLE
-        near = sorted({below, above})
-        raise ValueError(
-            f"data.input_size={value} must be a positive multiple of {INPUT_MULTIPLE}: HRNet "
-            f"(and the other timm backbones) halve the input 5 times and add the branches back "
-            f"together, so the sides must divide by {INPUT_MULTIPLE}; use data.input_size="
-            f"{' or '.join(map(str, near))}"
-        )
-    return size
-
-
 def _split_entry(entry: Mapping[str, Any] | None, name: str) -> tuple[Path, Path] | None:
     if entry is None:
         return None
@@ -178,15 +103,12 @@ class PINetDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        layout: Any = "crowdpose",
+        codec: PINetCodec | Mapping[str, Any] | None = None,
         protocol: str = "crowdpose",
         train: Mapping[str, Any] | None = None,
         val: Mapping[str, Any] | None = None,
         test: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
-        input_size: int = 512,
-        output_stride: int = 4,
-        targets: Mapping[str, Any] | None = None,
         augmentation: Mapping[str, Any] | None = None,
         people: Mapping[str, Any] | None = None,
         batch_size: int = 20,
@@ -195,36 +117,29 @@ class PINetDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         skip_invalid: bool = False,
-        convention: str = "cell_center",
-        sparse_targets: bool = True,
+        dataset: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # Every checkpoint then carries the data settings (``datamodule_hyper_parameters``):
-        # pinet-eval and the Predictor read them there, not from the run's config.yaml.
-        self.save_hyperparameters(to_plain({
-            key: value for key, value in locals().items() if key not in ("self", "__class__")
-        }), logger=False)
-        self.layout = get_layout(layout)
-        self.convention = get_convention(convention).name  # the network's (model.network)
+        self.codec = PINetCodec.from_any(codec)
+        # Every checkpoint then carries the data settings (``datamodule_hyper_parameters``,
+        # the codec as plain data): pinet-eval reads them there, not from the run's config.
+        settings = {key: value for key, value in locals().items()
+                    if key not in ("self", "__class__", "settings")}
+        settings["codec"] = self.codec.to_dict()
+        self.save_hyperparameters(to_plain(settings), logger=False)
+        self.layout = self.codec.layout
         if protocol not in ("coco", "crowdpose"):
             raise ValueError(f"protocol must be 'coco' or 'crowdpose', got '{protocol}'")
         self.protocol = protocol
-        self.input_size = _check_input_size(input_size)
-        self.output_stride = int(output_stride)
         self.skip_invalid = bool(skip_invalid)
-        # the effective settings: the codec's / augmentation's own defaults, then the overrides
-        self.targets = {**_TARGET_DEFAULTS, **dict(targets or {})}
-        clash = sorted(set(self.targets) & set(_FORMATS[True]))
-        if clash:
-            raise ValueError(f"data.targets.{clash[0]} is chosen by data.sparse_targets "
-                             "(true: Omega and Gaussian windows, false: dense maps); remove it")
-        self.sparse_targets = bool(sparse_targets)
         self.augmentation = {**_AUGMENTATION_DEFAULTS, **dict(augmentation or {})}
         unknown = sorted(set(people or {}) - set(_PEOPLE_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown data.people keys {unknown}; known: "
                              f"{sorted(_PEOPLE_DEFAULTS)}")
         self.people = {**_PEOPLE_DEFAULTS, **dict(people or {})}  # which images and people
+        # the dataset class, a Hydra node (_target_, _partial_: true): called per split
+        self.dataset = {**DATASET_DEFAULT, **dict(dataset or {})}
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
@@ -307,13 +222,10 @@ class PINetDataModule(pl.LightningDataModule):
         if entry is None:
             raise ValueError(f"no {split} data configured: set data.{split}.images/annotations "
                              "or data.synthetic")
-        return CocoKeypointDataset(
-            entry[0], entry[1], layout=self.layout, train=train, input_size=self.input_size,
-            output_stride=self.output_stride,
-            targets={**self.targets, **_FORMATS[self.sparse_targets]},
-            augmentation=self.augmentation, **self.people,
-            skip_invalid=self.skip_invalid, convention=self.convention,
-        )
+        make = instantiate(self.dataset, _convert_="all")
+        return make(entry[0], entry[1], codec=self.codec, train=train,
+                    augmentation=self.augmentation, **self.people,
+                    skip_invalid=self.skip_invalid)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
@@ -338,7 +250,7 @@ class PINetDataModule(pl.LightningDataModule):
             self.setup("fit")
         ds = self.train_dataset
         # drop the ragged last batch (batch norm, proposal count); keep it for tiny sets
-        return self._loader(ds, self.batch_size, True, train_collate,
+        return self._loader(ds, self.batch_size, True, self.codec.collate,
                             drop_last=len(ds) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -1,21 +1,16 @@
 """COCO-format keypoint datasets (any layout) for training and evaluation.
 
 Train mode returns the training sample of docs/architecture.md: ``image`` uint8 (3, S, S)
-after :class:`~pinet_lightning.data.augmentation.TrainAugmentation` and the PINet targets from
-:class:`~pinet_lightning.codec.targets.PINetTargetCodec`, computed in the loader worker: the six
-dense maps, or their sparse form when ``targets`` asks for it (``offsets_format="omega"``,
-``heatmaps_format="windows"``: what ``PINetDataModule`` does by default). Eval mode
-returns ``image`` uint8 (3, H, W) resized as the convention says (ours:
-:func:`~pinet_lightning.data.augmentation.inference_resize`), ``back_transform`` (2, 3),
-``image_id`` and ``orig_size`` (h, w).
+after :class:`~pinet_lightning.data.augmentation.TrainAugmentation` and the PINet targets its
+codec (:class:`~pinet_lightning.codec.codec.PINetCodec`) encodes in the loader worker: the
+sparse form by default (Omega's entries and the Gaussian windows), the six dense maps with
+``codec.sparse=false``. Eval mode returns ``image`` uint8 (3, H, W) resized as the codec's
+convention says, ``back_transform`` (2, 3), ``image_id`` and ``orig_size`` (h, w).
 
 Choices:
 
-- Keypoints go from input pixels to output cells with the network's cell/pixel convention
-  (:mod:`pinet_lightning.codec.conventions`; ours, ``cell_center``: ``x_out = (x_in - 1.5) / 4``,
-  cell ``i`` the center of input pixels ``4i .. 4i + 3``, the inverse of decoding's
-  ``x_in = 4 x_out + 1.5``); the ignore mask is shrunk by area averaging, which uses the
-  ``cell_center`` alignment.
+- The codec takes the augmented keypoints and ignore mask in input pixels to output cells
+  (its convention; the mask shrunk by area averaging).
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
 - People (algorithm.md 2.0, the published dataset): every annotation that is not a crowd region,
@@ -31,21 +26,15 @@ Choices:
 - Train mode keeps every image with at least one annotation (CrowdPose, OCHuman), or with
   ``min_image_keypoints=n`` those whose annotations' labelled keypoints (v > 0) sum to more
   than n (COCO: 10). Eval mode keeps every image.
-- The annotation file goes through :func:`~pinet_lightning.core.annotations.validate_coco_keypoints`
-  when the dataset is built (only the person category is kept, boxes are derived where
-  absent), and every image file it will read is checked then too (present, not a folder, a
-  JPEG not cut short): bad data stops the run before training, naming file, ids and fix;
-  ``skip_invalid=True`` skips it with a logged count and ids instead.
+- The annotation file goes through
+  :func:`~pinet_lightning.core.annotations.validate_coco_keypoints` when the dataset is
+  built (only the person category is kept, boxes are derived where absent), and every image
+  file it will read is checked then too (present, not a folder, a JPEG not cut short): bad
+  data stops the run before training, naming file, ids and fix; ``skip_invalid=True`` skips
+  it with a logged count and ids instead.
 
-Official layouts of the path presets (:func:`dataset_paths`):
-
-- ``crowdpose`` (github.com/Jeff-sjtu/CrowdPose): ``root/images/*.jpg`` and
-  ``root/json/crowdpose_{train,val,trainval,test}.json``.
-- ``coco`` (cocodataset.org 2017): ``root/{train2017,val2017}/`` and
-  ``root/annotations/person_keypoints_{train2017,val2017}.json``.
-- ``ochuman`` (github.com/liruilong940607/OCHumanApi): ``root/images/`` and
-  ``root/ochuman_coco_format_{val,test}_range_0.00_1.00.json``.
-- ``custom``: explicit ``images`` and ``annotations`` paths.
+Where each dataset's files sit in its official release is written once, in the config that
+reads them (conf/data/<dataset>.yaml).
 """
 
 from __future__ import annotations
@@ -57,61 +46,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from pinet_lightning.codec.conventions import get_convention
-from pinet_lightning.codec.targets import PINetTargetCodec
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.annotations import load_json, validate_coco_keypoints
 from pinet_lightning.core.images import check_image_files, image_file_problem, read_image
-from pinet_lightning.core.layouts import Layout, get_layout
+from pinet_lightning.core.layouts import Layout
 from pinet_lightning.data.augmentation import TrainAugmentation
 
-__all__ = ["CocoKeypointDataset", "dataset_paths", "read_image", "check_image_files",
-           "image_file_problem", "DATASET_PRESETS"]
+__all__ = ["CocoKeypointDataset", "read_image", "check_image_files", "image_file_problem"]
 
 log = logging.getLogger(__name__)
-
-DATASET_PRESETS = ("crowdpose", "coco", "ochuman", "custom")
-
-
-def dataset_paths(
-    name: str,
-    root: str | Path | None = None,
-    split: str = "train",
-    images: str | Path | None = None,
-    annotations: str | Path | None = None,
-) -> tuple[Path, Path]:
-    """(images dir, annotation json) of a dataset laid out as its official release.
-
-    ``split``: crowdpose ``train`` / ``val`` / ``trainval`` / ``test``; coco ``train`` /
-    ``val`` (or ``train2017`` / ``val2017``); ochuman ``val`` / ``test``. ``custom`` takes
-    ``images`` and ``annotations`` (``root`` optional: relative paths are joined to it).
-    """
-    key = name.lower()
-    base = Path(root) if root is not None else None
-    if key == "custom":
-        if images is None or annotations is None:
-            raise ValueError("dataset 'custom' needs explicit images=<dir> and annotations=<json>")
-        img, ann = Path(images), Path(annotations)
-        if base is not None:
-            img, ann = base / img, base / ann
-        return img, ann
-    if key not in DATASET_PRESETS:
-        raise ValueError(f"unknown dataset preset '{name}'; known: {list(DATASET_PRESETS)}")
-    if base is None:
-        raise ValueError(f"dataset preset '{name}' needs root=<dataset folder>")
-    if key == "crowdpose":
-        return base / "images", base / "json" / f"crowdpose_{split}.json"
-    if key == "coco":
-        s = split if split.endswith("2017") else f"{split}2017"
-        return base / s, base / "annotations" / f"person_keypoints_{s}.json"
-    return base / "images", base / f"ochuman_coco_format_{split}_range_0.00_1.00.json"
-
 
 def _load_coco(annotation_file: Path, layout: Layout | None = None,
                skip_invalid: bool = False) -> COCO:
@@ -140,11 +89,11 @@ class CocoKeypointDataset(Dataset):
     Args:
         images_dir: folder the ``file_name`` of each image is relative to.
         annotation_file: COCO keypoint json.
-        layout: layout name, mapping or :class:`Layout`; its keypoint count must match the file.
+        codec: the frame and the targets (:class:`~pinet_lightning.codec.codec.PINetCodec`,
+            or a mapping of its fields): layout (its keypoint count must match the file),
+            input size S (the square training input, the inference short side), output
+            stride, cell/pixel convention and target settings.
         train: training samples (augmentation + targets) or evaluation samples.
-        input_size: S, the square training input and the inference short side.
-        output_stride: input pixels per output cell.
-        targets: codec settings (``sigma``, ``radius``, ``bg_weight``, ``min_part_area``, ...).
         augmentation: ``max_rotation``, ``min_scale``, ``max_scale``, ``max_translate``,
             ``flip_prob``, ``ignore_padding``.
         multiple: the inference long side is rounded up to a multiple of this.
@@ -155,49 +104,38 @@ class CocoKeypointDataset(Dataset):
         skip_invalid: invalid records and unusable image files (see
             :mod:`pinet_lightning.core.annotations`) are skipped with a logged count and ids
             instead of raising.
-        convention: the cell/pixel convention of the network trained or evaluated
-            (``cell_center``, ours; ``published``).
     """
 
     def __init__(
         self,
         images_dir: str | Path,
         annotation_file: str | Path,
-        layout: str | Mapping[str, Any] | Layout = "crowdpose",
+        codec: PINetCodec | Mapping[str, Any] | None = None,
         train: bool = True,
-        input_size: int = 512,
-        output_stride: int = 4,
-        targets: Mapping[str, Any] | None = None,
         augmentation: Mapping[str, Any] | None = None,
         multiple: int = 64,
         ignore_regions: bool = False,
         min_image_keypoints: int | None = None,
         skip_invalid: bool = False,
-        convention: str = "cell_center",
     ) -> None:
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         if not self.annotation_file.is_file():
             raise FileNotFoundError(
                 f"annotation file {self.annotation_file} does not exist; check the dataset root "
-                "and split (see pinet_lightning.data.datasets.dataset_paths for the expected "
-                "layout)"
+                "(paths.data_dir or paths.<dataset>_dir) and the split; conf/data/<dataset>.yaml "
+                "shows where the official release keeps each file"
             )
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.images_dir} does not exist; check the "
                                     f"dataset root (images of {self.annotation_file})")
-        if input_size % output_stride:
-            raise ValueError(f"input_size {input_size} must be a multiple of the output stride "
-                             f"{output_stride}")
-        self.layout = get_layout(layout)
+        self.codec = PINetCodec.from_any(codec)
+        self.layout = self.codec.layout
         self.train = bool(train)
-        self.input_size = int(input_size)
-        self.output_stride = int(output_stride)
         self.multiple = int(multiple)
         self.ignore_regions = bool(ignore_regions)
         self.min_image_keypoints = None if min_image_keypoints is None else int(
             min_image_keypoints)
-        self.convention = get_convention(convention)
         self.skip_invalid = bool(skip_invalid)
         self.coco = _load_coco(self.annotation_file, self.layout, self.skip_invalid)
         ids = sorted(self.coco.getImgIds())
@@ -214,9 +152,7 @@ class CocoKeypointDataset(Dataset):
         self._check_image_files()
         self._seeded_for: int | None = None
         if self.train:
-            out = self.input_size // self.output_stride
-            self.codec = PINetTargetCodec(self.layout, (out, out), **dict(targets or {}))
-            self.augment = TrainAugmentation(self.layout.flip_index, self.input_size,
+            self.augment = TrainAugmentation(self.layout.flip_index, self.codec.input_size,
                                              **dict(augmentation or {}))
 
     # ------------------------------------------------------------------ checks and reading
@@ -284,7 +220,7 @@ class CocoKeypointDataset(Dataset):
         image, info, anns = self.load(index)
         h, w = image.shape[:2]
         if not self.train:
-            resized, back = self.convention.resize(image, self.input_size, self.multiple)
+            resized, back = self.codec.resize(image, self.multiple)
             return {
                 "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
                 "back_transform": torch.from_numpy(back.astype(np.float32)),
@@ -294,14 +230,7 @@ class CocoKeypointDataset(Dataset):
         self._maybe_reseed()
         kps, boxes, mask = self.people(anns, h, w)
         out = self.augment(image, kps, mask=mask, boxes=boxes, areas=boxes[:, 2] * boxes[:, 3])
-        cells = out["keypoints"].copy()
-        cells[..., :2] = self.convention.input_to_cell(cells[..., :2], self.output_stride)
-        size = self.input_size // self.output_stride
-        small = cv2.resize(out["mask"].astype(np.float32), (size, size),
-                           interpolation=cv2.INTER_AREA)
-        # kept when more than half of the cell is kept: half ignored is ignored (published)
-        ignore = (small > 0.5).astype(np.float32)
-        targets = self.codec.encode(cells, out["areas"], ignore_mask=ignore)
+        targets = self.codec.encode(out["keypoints"], out["areas"], ignore_mask=out["mask"])
         sample: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         }

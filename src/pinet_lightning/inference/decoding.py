@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pinet_lightning.codec.conventions import Convention, get_convention
+from pinet_lightning.codec.conventions import Convention, cells_to_image, get_convention
 from pinet_lightning.core.layouts import Layout, get_layout
 from pinet_lightning.core.sampling import sample_maps
 from pinet_lightning.inference.fusion import pose_fusion
@@ -54,7 +54,6 @@ __all__ = [
     "decode_scale",
     "score_scales",
     "decode_outputs",
-    "cells_to_image",
     "fuse_batch",
     "predict_poses",
 ]
@@ -336,26 +335,6 @@ def decode_outputs(outputs: Mapping[str, Tensor], layout: Layout | str,
                                            cfg.score_threshold)
     return {"poses": poses, "scores": scores, "valid": valid, "cells": sc.cells,
             "part": sc.part, "heatmaps": sc.heatmaps, "part_heatmaps": sc.part_heatmaps}
-
-
-def cells_to_image(poses: Tensor, back_transforms: Tensor,
-                   convention: str | Convention | None = None, stride: int = 4,
-                   input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
-    """Output cells -> network-input pixels (the convention's mapping) -> original pixels.
-
-    Args:
-        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
-        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
-        input_scale: (sx, sy) = base input size / this scale's input size (multi-scale);
-            pixel centers stay aligned: x_base = (x + 0.5) * sx - 0.5.
-    """
-    xy = get_convention(convention).cell_to_input(poses[..., :2], stride)
-    if input_scale != (1.0, 1.0):
-        scale = xy.new_tensor(input_scale)
-        xy = (xy + 0.5) * scale - 0.5
-    a = back_transforms.to(device=poses.device, dtype=torch.float32)
-    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], xy) + a[:, None, None, :, 2]
-    return torch.cat([mapped, poses[..., 2:]], -1)
 
 
 def fuse_batch(poses: Tensor, valid: Tensor, sigmas: Sequence[float],

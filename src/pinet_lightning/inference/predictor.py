@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.images import read_image
-from pinet_lightning.core.layouts import Layout, get_layout
 from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
 from pinet_lightning.model.checkpoints import load_network
 
@@ -72,9 +72,12 @@ class Predictor:
 
     Args:
         net: a ``PINet``.
-        layout: keypoint layout (default ``net.layout``).
+        codec: the frame the network was trained in
+            (:class:`~pinet_lightning.codec.codec.PINetCodec` or a mapping of its fields):
+            its layout, input size (the short side of the network input, algorithm.md 5.1)
+            and convention. None: the network's layout and convention at input 512.
         decode_cfg: ``DecodeConfig`` or a mapping of its fields (the defaults of algorithm.md 5).
-        input_size: short side of the network input (algorithm.md 5.1).
+        input_size: replaces the codec's input size (None: keep it).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).
@@ -83,15 +86,21 @@ class Predictor:
             who wants "the people in the image" usually wants a threshold such as 0.1).
     """
 
-    def __init__(self, net: nn.Module, layout: Layout | str | Mapping[str, Any] | None = None,
+    def __init__(self, net: nn.Module, codec: PINetCodec | Mapping[str, Any] | None = None,
                  decode_cfg: DecodeConfig | Mapping[str, Any] | None = None,
-                 input_size: int = 512, device: str | torch.device = "auto",
-                 batch_size: int = 8, bf16: bool = False, min_score: float | None = None) -> None:
+                 input_size: int | None = None, device: str | torch.device = "auto",
+                 batch_size: int = 8, bf16: bool = False, min_score: float | None = None
+                 ) -> None:
         self.device = _resolve_device(device)
         self.net = net.to(self.device).eval()
-        self.layout = get_layout(layout if layout is not None else net.layout)
+        if codec is None:
+            codec = PINetCodec(net.layout, convention=get_convention(
+                getattr(net, "convention", None)).name)
+        overrides = {} if input_size is None else {"input_size": int(input_size)}
+        self.codec = PINetCodec.from_any(codec, **overrides)
+        self.codec.check_network(net)
+        self.layout = self.codec.layout
         self.decode_cfg = DecodeConfig.from_any(decode_cfg)
-        self.input_size = int(input_size)
         self.batch_size = max(1, int(batch_size))
         self.bf16 = bf16
         self.min_score = None if min_score is None else float(min_score)
@@ -106,22 +115,25 @@ class Predictor:
         Lightning checkpoint of ``PINetModule``, or the published weights themselves.
 
         Decoding settings come from the file (its ``decode`` settings), then
-        ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``); the cell/
-        pixel convention is the network's. ``input_size`` None: the size the network was
-        trained at, as the file records it (``model.pt``'s ``extra``, the data settings a
-        Lightning checkpoint carries, 512 for the published weights), else 512. The file is
-        read safely:
-        ``trust_checkpoint=True`` allows one that needs the full unpickler (it can run code).
+        ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``). The frame
+        (layout, input size, convention) is the codec the file records
+        (:attr:`LoadedNetwork.codec <pinet_lightning.model.checkpoints.LoadedNetwork>`: input
+        512 and the published convention for the published weights); ``input_size`` replaces
+        its input size. The file is read safely: ``trust_checkpoint=True`` allows one that
+        needs the full unpickler (it can run code).
         """
-
         loaded = load_network(path, trust_checkpoint=trust_checkpoint)
         known = set(DecodeConfig.__dataclass_fields__)
         decode = {k: v for k, v in loaded.decode.items() if k in known}
-        if input_size is None:
-            input_size = loaded.input_size or 512
-        return cls(loaded.net, decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
+        return cls(loaded.net, codec=loaded.codec,
+                   decode_cfg=DecodeConfig.from_any(decode, **decode_overrides),
                    input_size=input_size, device=device, min_score=min_score,
                    batch_size=batch_size)
+
+    @property
+    def input_size(self) -> int:
+        """The short side of the network input (the codec's)."""
+        return self.codec.input_size
 
     def __call__(self, image_or_batch: ImageInput | Sequence[ImageInput]
                  ) -> list[Person] | list[list[Person]]:
@@ -136,9 +148,7 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[list[Person]]:
         """People in each RGB uint8 image."""
-        convention = get_convention(getattr(self.net, "convention", None))
-        prepared = [convention.resize(im, self.input_size, self.decode_cfg.scale_multiple)
-                    for im in images]
+        prepared = [self.codec.resize(im, self.decode_cfg.scale_multiple) for im in images]
         results: list[list[Person] | None] = [None] * len(images)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, (resized, _) in enumerate(prepared):

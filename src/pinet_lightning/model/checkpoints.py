@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.files import CheckpointError, clean_state_dict, load_file
 from pinet_lightning.model.network import PINet
 from pinet_lightning.model.published import (
@@ -32,11 +33,13 @@ from pinet_lightning.model.published import (
 )
 
 __all__ = ["FORMAT", "LoadedNetwork", "save_model", "load_model", "network_from_blob",
-           "load_network", "convert_published", "CheckpointError", "load_file"]
+           "load_network", "convert_published", "published_codec", "CheckpointError",
+           "load_file"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pinet_lightning.PINet"
+DEFAULT_INPUT_SIZE = 512  # a file that predates the codec and says nothing of its input
 
 
 def _unwrap(model: nn.Module) -> PINet:
@@ -96,20 +99,44 @@ class LoadedNetwork:
         net: the :class:`~pinet_lightning.model.network.PINet`, in eval mode, on the CPU.
         kind: ``"model"`` (save_model), ``"lightning"`` or ``"published"`` (raw authors'
             weights).
+        codec: the frame the network was trained in (layout, input size, stride, convention,
+            target settings): what the file records; files that predate the codec give the
+            settings they hold (their input size, else 512).
         decode: the decoding settings the file records (may be empty).
-        input_size: the input size the network was trained at, when the file says.
-        data: the data module's settings of the training run (``PINetDataModule`` keyword
-            arguments), when the file has them.
+        data: the data module's other settings of the training run (``PINetDataModule``
+            keyword arguments but the codec), when the file has them.
         extra: the remaining metadata (``save_model``'s ``extra``, or the Lightning
             hyper-parameters).
     """
 
     net: Any
     kind: str
+    codec: PINetCodec
     decode: dict[str, Any] = field(default_factory=dict)
-    input_size: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# What data settings held before the codec owned the frame (files written before it).
+_LEGACY_DATA_KEYS = ("layout", "input_size", "output_stride", "targets", "convention",
+                     "sparse_targets")
+
+
+def _codec_and_data(net: PINet, record: Mapping[str, Any], data: Mapping[str, Any]
+                    ) -> tuple[PINetCodec, dict[str, Any]]:
+    """The codec a file records (``record["codec"]``, or the data settings of a file written
+    before the codec existed) and the data settings without it."""
+    data = dict(data)
+    codec = record.get("codec") or data.pop("codec", None)
+    legacy = {key: data.pop(key) for key in _LEGACY_DATA_KEYS if key in data}
+    if codec is not None:
+        return PINetCodec.from_dict(codec), data
+    size = record.get("input_size") or legacy.get("input_size") or DEFAULT_INPUT_SIZE
+    return PINetCodec(net.layout, input_size=int(size),
+                      output_stride=int(legacy.get("output_stride") or net.output_stride),
+                      convention=net.convention.name,
+                      sparse=bool(legacy.get("sparse_targets", True)),
+                      targets=dict(legacy.get("targets") or {})), data
 
 
 def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
@@ -120,16 +147,17 @@ def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
     if not state:
         raise CheckpointError(f"checkpoint '{path}' has no 'net.*' weights; is it a "
                               "PINetModule checkpoint?")
-    net = PINet(hp.get("layout", "crowdpose"), **network)
+    codec = hp.get("codec")
+    layout = codec["layout"] if codec else hp.get("layout", "crowdpose")  # older: "layout"
+    net = PINet(layout, **network)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{path}': its weights do not fit the network of its "
                               f"hyper-parameters: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}")
-    data = dict(blob.get("datamodule_hyper_parameters") or {})
-    size = data.get("input_size")
-    return LoadedNetwork(net=net, kind="lightning", decode=dict(hp.get("decode") or {}),
-                         input_size=int(size) if size else None, data=data, extra=hp)
+    codec, data = _codec_and_data(net, hp, blob.get("datamodule_hyper_parameters") or {})
+    return LoadedNetwork(net=net, kind="lightning", codec=codec,
+                         decode=dict(hp.get("decode") or {}), data=data, extra=hp)
 
 
 def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetwork:
@@ -143,23 +171,28 @@ def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetw
     if isinstance(blob, Mapping) and blob.get("format") == FORMAT:
         net = network_from_blob(blob, path)
         extra = dict(blob.get("extra") or {})
-        data = dict(extra.get("data") or {})
-        size = extra.get("input_size") or data.get("input_size")
-        loaded = LoadedNetwork(net=net, kind="model", decode=dict(extra.get("decode") or {}),
-                               input_size=int(size) if size else None, data=data, extra=extra)
+        codec, data = _codec_and_data(net, extra, extra.get("data") or {})
+        loaded = LoadedNetwork(net=net, kind="model", codec=codec,
+                               decode=dict(extra.get("decode") or {}), data=data, extra=extra)
     elif isinstance(blob, Mapping) and "state_dict" in blob and "hyper_parameters" in blob:
         loaded = _from_lightning(blob, path)
     elif is_published_state(blob):
         net = published_network(blob, source=path)
         log.info("%s: the published PINet's weights (layout %s), read with its conventions",
                  path, net.layout.name)
-        loaded = LoadedNetwork(net=net, kind="published", input_size=PUBLISHED_INPUT_SIZE)
+        loaded = LoadedNetwork(net=net, kind="published", codec=published_codec(net))
     else:
         raise CheckpointError(
             f"checkpoint '{path}' is neither a model.pt (save_model), a Lightning checkpoint "
             "of PINetModule (state_dict + hyper_parameters) nor the published PINet's weights")
     loaded.net.eval()
     return loaded
+
+
+def published_codec(net: PINet) -> PINetCodec:
+    """The frame the published weights were trained in: input 512, the published convention."""
+    return PINetCodec(net.layout, input_size=PUBLISHED_INPUT_SIZE,
+                      output_stride=net.output_stride, convention="published")
 
 
 def convert_published(src: str | Path, dst: str | Path, layout: str | None = "crowdpose",
@@ -176,6 +209,6 @@ def convert_published(src: str | Path, dst: str | Path, layout: str | None = "cr
     net = published_network(load_file(src, trust_checkpoint), layout, src)
     # no decode settings: the decoding defaults are the published inference under the
     # published convention the network records
-    save_model(dst, net, extra={"input_size": PUBLISHED_INPUT_SIZE,
+    save_model(dst, net, extra={"codec": published_codec(net).to_dict(),
                                 "converted_from": str(src), "source": "kennethwdk/PINet"})
     return dst

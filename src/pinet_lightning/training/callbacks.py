@@ -363,7 +363,7 @@ class RunOutput(pl.Callback):
 
 class ModelExport(RunOutput):
     """``<run dir>/checkpoints/model.pt``: the network of the reported checkpoint with what
-    inference needs (decode settings, protocol, input size, the data module's settings) and
+    inference needs (the codec, decode settings, protocol, the data module's settings) and
     the metrics it reached (:func:`pinet_lightning.model.checkpoints.save_model`; loaded by
     :func:`pinet_lightning.load_model` and ``Predictor.from_checkpoint``)."""
 
@@ -373,9 +373,8 @@ class ModelExport(RunOutput):
         datamodule = getattr(trainer, "datamodule", None)
         metrics = {str(k): v for k, v in ((k, _scalar(v)) for k, v in
                                           trainer.callback_metrics.items()) if v is not None}
-        extra = {"decode": pl_module.decode_cfg.to_dict(),
+        extra = {"codec": pl_module.codec.to_dict(), "decode": pl_module.decode_cfg.to_dict(),
                  "protocol": getattr(datamodule, "protocol", None),
-                 "input_size": getattr(datamodule, "input_size", None),
                  "data": to_plain(dict(getattr(datamodule, "hparams", {}) or {})),
                  "checkpoint": self.checkpoint or trainer.ckpt_path, "metrics": metrics}
         save_model(self.path, pl_module.net, extra=extra)
@@ -439,7 +438,6 @@ def prediction_figure(net: Any, dataset: Any, layout: Any, decode: Any, num_imag
     """A grid of the first ``num_images`` of an evaluation dataset (a CocoKeypointDataset in
     eval mode) with ``net``'s poses drawn in original image pixels; images smaller than
     ``min_side`` are enlarged by an integer factor first. None when there is no image."""
-
 
     was_training = net.training
     net.eval()

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pinet_lightning.codec.targets import OmegaBatch, heatmap_targets
+from pinet_lightning.codec.batch import OmegaBatch, heatmap_targets
 from pinet_lightning.training.proposals import Proposals, gather_at_cells, sample_proposals
 
 __all__ = ["HeatmapLoss", "OffsetLoss", "RefineLoss", "PINetLoss", "weighted_smooth_l1"]

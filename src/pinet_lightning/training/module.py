@@ -4,7 +4,9 @@ Gotchas (read before changing):
 
 - Hyperparameters are plain python (dicts, lists, str): Hydra's DictConfig is converted in
   ``__init__``, so a checkpoint alone rebuilds the network (the Predictor relies on
-  ``hyper_parameters["layout"|"network"|"decode"]`` and on ``state_dict`` keys ``net.*``).
+  ``hyper_parameters["codec"|"network"|"decode"]`` and on ``state_dict`` keys ``net.*``).
+  The optimizer and scheduler are Hydra nodes kept as such (``_target_`` strings and numbers)
+  and instantiated in :meth:`configure_optimizers`.
   ``network.pretrained`` is written as ``None`` into checkpoints: the weights are in the
   state dict and the ImageNet file may not exist where the checkpoint is loaded.
 - Divergence: each step ORs a "loss not finite" flag per loss term on the device; the flag is
@@ -52,11 +54,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from torch import Tensor
 
-from pinet_lightning.codec.conventions import get_convention
+from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.config import to_plain as _plain
-from pinet_lightning.core.layouts import Layout, get_layout
 from pinet_lightning.evaluation.coco import (
     Evaluation,
     KeypointEvaluator,
@@ -68,7 +70,7 @@ from pinet_lightning.model.network import PINet
 from pinet_lightning.training.losses import PINetLoss
 
 __all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch",
-           "check_data_matches_network"]
+           "check_same_frame"]
 
 
 def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -80,7 +82,12 @@ def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 NETWORK_DEFAULTS: dict[str, Any] = _defaults(PINet, skip=("layout",))
 LOSS_DEFAULTS: dict[str, Any] = _defaults(PINetLoss)
 DECODE_DEFAULTS: dict[str, Any] = DecodeConfig().to_dict()
-OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "milestones": [200, 260], "gamma": 0.1}
+# algorithm.md 4, 6: Adam, MultiStepLR stepped per epoch. Hydra nodes (``_partial_``): the
+# optimizer is called with the parameters, the scheduler with the optimizer.
+OPTIMIZER_DEFAULTS: dict[str, Any] = {"_target_": "torch.optim.Adam", "_partial_": True,
+                                      "lr": 1e-3}
+SCHEDULER_DEFAULTS: dict[str, Any] = {"_target_": "torch.optim.lr_scheduler.MultiStepLR",
+                                      "_partial_": True, "milestones": [200, 260], "gamma": 0.1}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,11 +96,14 @@ class NonFiniteLossError(FloatingPointError):
 
 def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = True
            ) -> dict[str, Any]:
-    """Defaults updated by the given mapping; unknown keys are an error when ``strict``."""
+    """Defaults updated by the given mapping; unknown keys are an error when ``strict``. A
+    Hydra node naming another ``_target_`` than the default's replaces it whole."""
     given = _plain(given) if given is not None else {}
     if not isinstance(given, Mapping):
         raise TypeError(f"PINetModule({name}=...) must be a mapping, "
                         f"not {type(given).__name__}")
+    if "_target_" in given and given["_target_"] != defaults.get("_target_"):
+        return dict(given)
     unknown = sorted(set(given) - set(defaults))
     if strict and unknown:
         raise ValueError(f"unknown PINetModule {name} keys {unknown}; "
@@ -113,31 +123,32 @@ def resolve_switch(value: bool | str, device: torch.device, name: str) -> bool:
     return bool(value)
 
 
-def check_data_matches_network(datamodule: Any, net: Any) -> None:
-    """Raise when ``datamodule`` (its ``output_stride`` / ``convention``, when it has them)
-    disagrees with the network's; the message names the setting to change."""
-    if datamodule is None:
+def check_same_frame(data: PINetCodec, model: PINetCodec) -> None:
+    """Raise when the data module's codec and the module's differ; the message names the
+    setting. (One ``codec`` config node feeds both, so only API users can split them.)"""
+    if data == model:
         return
-    stride = getattr(datamodule, "output_stride", None)
-    if stride is not None and int(stride) != int(net.output_stride):
-        raise ValueError(f"data.output_stride={stride} but the network's output maps are "
-                         f"input/{net.output_stride}: set data.output_stride="
-                         f"{net.output_stride}")
-    convention = getattr(datamodule, "convention", None)
-    if convention is not None and get_convention(convention).name != net.convention.name:
-        raise ValueError(f"data.convention={get_convention(convention).name} but the network "
-                         f"decodes with '{net.convention.name}': set the top-level "
-                         f"convention={net.convention.name} (it feeds both)")
+    diff = sorted(k for k, v in data.to_dict().items() if model.to_dict()[k] != v)
+    raise ValueError(f"the data module's codec differs from the model's in {diff}: "
+                     f"data {[data.to_dict()[k] for k in diff]}, model "
+                     f"{[model.to_dict()[k] for k in diff]}; build both from one PINetCodec "
+                     "(the Hydra config interpolates ${codec} into data and model)")
 
 
 class PINetModule(pl.LightningModule):
     """PINet training (algorithm.md 4, 6) and evaluation (algorithm.md 5, 7) in Lightning.
 
     Args:
-        layout: layout name or mapping (stored as given; see :func:`get_layout`).
+        codec: the frame and the targets (:class:`~pinet_lightning.codec.codec.PINetCodec` or
+            a mapping of its fields): the layout, input size and convention the network is
+            trained and evaluated in; stored in checkpoints as plain data.
         network: ``PINet`` keyword arguments (backbone, pretrained, refine_layers).
         loss: ``PINetLoss`` keyword arguments (algorithm.md 4 weights, beta, proposals per part).
-        optimizer: Adam ``lr``, MultiStepLR ``milestones`` (in epochs) and ``gamma``.
+        optimizer: a Hydra node of the optimizer, called with the parameters (default Adam,
+            ``lr`` 1e-3); a mapping without ``_target_`` updates the default's fields.
+        scheduler: a Hydra node of the learning-rate scheduler, called with the optimizer and
+            stepped per epoch (default MultiStepLR, ``milestones`` [200, 260] in epochs,
+            ``gamma`` 0.1); null: a constant learning rate.
         decode: ``DecodeConfig`` fields used by validation / test / predict.
         channels_last, compile: "auto" (on CUDA only), True or False.
         eval_protocol, val_annotation_file, test_annotation_file: overrides of the
@@ -146,16 +157,17 @@ class PINetModule(pl.LightningModule):
             :class:`NonFiniteLossError` stops the run); None: every step on the CPU, every
             100 steps on an accelerator, where a check is a host-device sync (the flag
             stays on the device in between). Also checked at each epoch end.
-        net: an already built :class:`PINet` to use (e.g. a loaded checkpoint's); its layout
-            and config then replace ``layout`` and ``network``.
+        net: an already built :class:`PINet` to use (e.g. a loaded checkpoint's); its config
+            then replaces ``network`` (the codec must have its layout and convention).
     """
 
     def __init__(
         self,
-        layout: str | Mapping[str, Any] | Layout = "crowdpose",
+        codec: PINetCodec | Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = SCHEDULER_DEFAULTS,
         decode: Mapping[str, Any] | None = None,
         channels_last: bool | str = "auto",
         compile: bool | str = "auto",
@@ -166,24 +178,36 @@ class PINetModule(pl.LightningModule):
         net: PINet | None = None,
     ) -> None:
         super().__init__()
-        if net is not None:  # an already built network (pinet-eval): its own layout and config
-            layout, network = net.layout, net.config
-        layout = _plain(layout)
+        self.codec = PINetCodec.from_any(codec)
+        if net is not None:  # an already built network (pinet-eval): its own config
+            network = net.config
+        given = _plain(network) if network is not None else {}
         network = _merge("network", NETWORK_DEFAULTS, network, strict=False)
+        network.pop("layout", None)  # the codec's
+        if "convention" not in given:  # the codec's too, unless the network states its own
+            network["convention"] = self.codec.convention
         loss = _merge("loss", LOSS_DEFAULTS, loss)
         optimizer = _merge("optimizer", OPTIMIZER_DEFAULTS, optimizer)
+        if scheduler is not None:
+            scheduler = _merge("scheduler", SCHEDULER_DEFAULTS, scheduler)
         decode = _merge("decode", DECODE_DEFAULTS, decode, strict=False)
         self.save_hyperparameters({
-            "layout": layout, "network": network, "loss": loss, "optimizer": optimizer,
-            "decode": decode, "channels_last": _plain(channels_last), "compile": _plain(compile),
+            "codec": self.codec.to_dict(), "network": network, "loss": loss,
+            "optimizer": optimizer, "scheduler": scheduler, "decode": decode,
+            "channels_last": _plain(channels_last), "compile": _plain(compile),
             "eval_protocol": eval_protocol,
             "val_annotation_file": None if val_annotation_file is None
             else str(val_annotation_file),
             "test_annotation_file": None if test_annotation_file is None
             else str(test_annotation_file),
         })
-        self.layout = get_layout(layout)
+        self.layout = self.codec.layout
         self.net = net if net is not None else PINet(self.layout, **network)
+        self.codec.check_network(self.net)
+        if self.net.layout.num_keypoints != self.layout.num_keypoints:
+            raise ValueError(f"the network has {self.net.layout.num_keypoints} keypoints but the "
+                             f"codec's layout '{self.layout.name}' has "
+                             f"{self.layout.num_keypoints}: set layout= to the network's")
         self.criterion = PINetLoss(**loss)
         self.decode_cfg = DecodeConfig.from_any(decode)  # unknown fields: a ValueError
         self._channels_last = False
@@ -206,11 +230,12 @@ class PINetModule(pl.LightningModule):
         return self.device
 
     def setup(self, stage: str) -> None:
-        """The data must be encoded the way the network decodes: the network owns the
-        output stride and the cell/pixel convention; a data module that states another one
-        would train or evaluate at shifted or rescaled targets."""
+        """The data must be encoded in the frame the network decodes in: a data module with
+        another codec would train or evaluate at shifted or rescaled targets."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        check_data_matches_network(datamodule, self.net)
+        theirs = getattr(datamodule, "codec", None)
+        if isinstance(theirs, PINetCodec):
+            check_same_frame(theirs, self.codec)
 
     def configure_model(self) -> None:
         """Apply the speed switches once the trainer's device is known."""
@@ -304,13 +329,12 @@ class PINetModule(pl.LightningModule):
         self._eval_results = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Adam + MultiStepLR stepped per epoch (algorithm.md 4, 6); clipping:
-        Trainer.gradient_clip_val."""
-        cfg = self.hparams.optimizer
-        optimizer = torch.optim.Adam(self.parameters(), lr=float(cfg["lr"]))
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[int(m) for m in cfg["milestones"]], gamma=float(cfg["gamma"])
-        )
+        """The optimizer and scheduler nodes (default Adam + MultiStepLR, algorithm.md 4, 6),
+        the scheduler stepped per epoch; clipping: Trainer.gradient_clip_val."""
+        optimizer = instantiate(self.hparams.optimizer, _convert_="all")(self.parameters())
+        if self.hparams.scheduler is None:
+            return {"optimizer": optimizer}
+        scheduler = instantiate(self.hparams.scheduler, _convert_="all")(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1}}
 

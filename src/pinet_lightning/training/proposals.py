@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pinet_lightning.codec.targets import OmegaBatch
+from pinet_lightning.codec.batch import OmegaBatch
 
 __all__ = ["Proposals", "sample_proposals", "proposal_scores", "gather_at_cells"]
 

@@ -1,0 +1,140 @@
+"""PINetCodec: the frame (pixels <-> cells, resize, decode) and the targets, configured once,
+stored as plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pinet_lightning.codec.batch import OmegaBatch, train_collate
+from pinet_lightning.codec.codec import TARGET_DEFAULTS, PINetCodec
+from pinet_lightning.codec.conventions import cells_to_image, get_convention
+from pinet_lightning.codec.targets import PINetTargetCodec, encode_targets
+from pinet_lightning.core.layouts import get_layout
+
+K = 14
+
+
+def _people(seed: int = 0, n: int = 3, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    kp = np.concatenate([rng.uniform(2, size - 2, (n, K, 2)), np.full((n, K, 1), 2.0)], -1)
+    kp[0, :3, 2] = 0  # some unlabelled keypoints
+    return kp, rng.uniform(200, 900, n)
+
+
+def test_defaults_and_plain_round_trip():
+    codec = PINetCodec()
+    assert (codec.layout.name, codec.input_size, codec.output_stride, codec.convention,
+            codec.sparse) == ("crowdpose", 512, 4, "cell_center", True)
+    assert codec.targets == TARGET_DEFAULTS and codec.output_size == 128
+    custom = PINetCodec("coco", input_size=96, convention="PUBLISHED", sparse=False,
+                        targets={"sigma": 1.5})
+    plain = custom.to_dict()
+    assert plain["convention"] == "published" and plain["targets"]["sigma"] == 1.5
+    assert plain["targets"]["radius"] == 2 and type(plain["layout"]) is dict
+    again = PINetCodec.from_dict(plain)
+    assert again == custom and again.layout == get_layout("coco")
+    assert PINetCodec.from_any({"_target_": "x.y", **plain}) == custom  # a Hydra node
+    assert PINetCodec.from_any(custom) is custom
+    assert PINetCodec.from_any(custom, input_size=128).input_size == 128
+
+
+def test_codec_survives_a_weights_only_load(tmp_path):
+    codec = PINetCodec("ochuman", input_size=128, targets={"min_part_area": 1024.0})
+    torch.save({"codec": codec.to_dict()}, tmp_path / "c.pt")
+    blob = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert PINetCodec.from_dict(blob["codec"]) == codec
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"input_size": 100}, r"codec.input_size=100 must be a positive multiple of 32.*96 or 128"),
+    ({"input_size": 0}, r"codec.input_size=0 must be a positive multiple of 32"),
+    ({"output_stride": 3, "input_size": 64}, r"codec.output_stride=3 must divide"),
+    ({"convention": "pixel"}, r"unknown convention 'pixel'"),
+    ({"targets": {"sigmaa": 2.0}}, r"unknown codec.targets keys \['sigmaa'\]"),
+    ({"targets": {"offsets_format": "omega"}}, r"the batch format is codec.sparse"),
+])
+def test_bad_settings_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PINetCodec(**kwargs)
+    with pytest.raises(ValueError, match="unknown codec fields"):
+        PINetCodec.from_dict({"input_sise": 64})
+
+
+@pytest.mark.parametrize("convention", ["cell_center", "published"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_encode_in_pixels_is_encode_targets_in_cells(convention, sparse):
+    codec = PINetCodec(input_size=64, convention=convention, sparse=sparse,
+                       targets={"sigma": 1.5})
+    kp, areas = _people()
+    mask = np.ones((64, 64), np.uint8)
+    mask[:, :10] = 0  # 2.5 cells: cell 2 is half ignored, so ignored
+    got = codec.encode(kp, areas, ignore_mask=mask)
+    cells = kp.copy()
+    cells[..., :2] = get_convention(convention).input_to_cell(kp[..., :2], 4)
+    small = np.ones((16, 16), np.float32)
+    small[:, :3] = 0
+    formats = ({"offsets_format": "omega", "heatmaps_format": "windows"} if sparse else {})
+    want = encode_targets(cells, areas, "crowdpose", (16, 16), sigma=1.5, ignore_mask=small,
+                          **formats)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert np.array_equal(kp, _people()[0])  # the caller's keypoints are not modified
+
+
+def test_to_cells_and_to_input_invert_each_other():
+    for convention in ("cell_center", "published"):
+        codec = PINetCodec(input_size=64, convention=convention)
+        px = np.array([[0.0, 0.0], [13.5, 40.25], [63.0, 1.0]])
+        back = codec.to_input(torch.from_numpy(codec.to_cells(px)))
+        np.testing.assert_allclose(back.numpy(), px, atol=1e-12)
+    assert PINetCodec(input_size=64).to_cells(np.array([1.5, 5.5])).tolist() == [0.0, 1.0]
+    assert PINetCodec(input_size=64, convention="published").to_cells(
+        np.array([4.0, 8.0])).tolist() == [1.0, 2.0]
+
+
+def test_collate_and_device_readers_are_the_sparse_batch():
+    codec = PINetCodec(input_size=64)
+    samples = []
+    for seed in range(2):
+        kp, areas = _people(seed)
+        targets = codec.encode(kp, areas)
+        samples.append({"image": torch.zeros(3, 64, 64, dtype=torch.uint8),
+                        **{k: torch.from_numpy(v) for k, v in targets.items()}})
+    batch = codec.collate(samples)
+    reference = train_collate(samples)
+    assert batch.keys() == reference.keys()
+    assert torch.equal(batch["omega_index"], reference["omega_index"])
+    omega = codec.omega(batch, 2)
+    assert isinstance(omega, OmegaBatch) and omega.shape == (2, 3, K, 16, 16)
+    heat = codec.heatmap_targets(batch)
+    assert heat["heatmaps"].shape == (2, K, 16, 16) and heat["part_heatmaps"].shape[1] == 3
+    dense = PINetTargetCodec("crowdpose", 16)  # the rendered maps equal the dense encoder's
+    cells = _people(0)[0].copy()
+    cells[..., :2] = codec.to_cells(cells[..., :2])
+    want = dense.encode(cells, _people(0)[1])
+    assert torch.equal(heat["heatmaps"][0], torch.from_numpy(want["heatmaps"]))
+
+
+def test_decode_and_resize_follow_the_convention():
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    for convention in ("cell_center", "published"):
+        codec = PINetCodec(input_size=64, convention=convention)
+        resized, back = codec.resize(image)
+        want = get_convention(convention).resize(image, 64, 64)
+        assert np.array_equal(resized, want[0]) and np.allclose(back, want[1])
+        poses = torch.tensor([[[[3.0, 5.0, 0.9], [0.0, 1.0, 0.2]]]])
+        back_t = torch.from_numpy(back[None]).float()
+        assert torch.equal(codec.decode(poses, back_t),
+                           cells_to_image(poses, back_t, convention, 4))
+    assert PINetCodec(input_size=96).resize(image)[0].shape == (128, 192, 3)
+
+
+def test_replace_keeps_the_checks():
+    codec = PINetCodec(input_size=64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        dataclasses.replace(codec, input_size=70)
