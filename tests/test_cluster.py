@@ -179,6 +179,17 @@ def test_launcher_settings_follow_the_trainer():
     assert launcher_problems(_compose([])) == []
 
 
+def test_optuna_search_space():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweeper = _compose(["hydra/sweeper=optuna_search"]).hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert dict(sweeper.params) == {
+        "model.optimizer.lr": "tag(log, interval(2e-4, 1e-2))",
+        "model.loss.offset_weight": "tag(log, interval(0.01, 0.3))",
+        "model.loss.refine_weight": "tag(log, interval(0.01, 0.3))"}
+
+
 def test_sweep_objective_is_val_ap_of_the_reported_checkpoint():
     metrics = {"val/AP": 0.25, "best/val/AP": 0.5, "global_step": 40}
     # reported = best val/AP checkpoint: its score

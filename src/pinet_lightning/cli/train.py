@@ -8,7 +8,8 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
   :class:`~pinet_lightning.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
   and ``model.pt`` (the inference model of the reported checkpoint,
   :class:`~pinet_lightning.callbacks.ModelExport`);
-- ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
+- ``metrics.json``: final val/test metrics, steps, paths, the sweep ``objective`` (val/AP of
+  the reported checkpoint, returned to Hydra's sweeper); ``predictions.png``: poses on the
   first val images (:class:`~pinet_lightning.callbacks.PredictionFigure`);
   ``learning_curve.png``; ``csv/`` (or the chosen loggers) with per-step logs and evaluation
   jsons. The pictures and model.pt come from the callbacks of ``conf/callbacks``.
