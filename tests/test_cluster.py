@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
 
-from pinet_lightning.cli import rank_zero_value
+from pinet_lightning.cli import cluster, rank_zero_value
 from pinet_lightning.cli.cluster import launcher_problems
 from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.objective import sweep_objective
@@ -145,11 +145,20 @@ def test_launcher_error_stops_before_submitting(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
     # a field unknown to the plugin's schema, without +: Hydra's own error at composition
-    proc = _pinet_train(["-m", "hydra/launcher=slurm", "hydra.launcher.partitoin=gpu"],
-                        tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert "Key 'partitoin' not in 'SlurmQueueConf'" in proc.stderr
-    assert not (tmp_path / "outputs").exists()
+    with pytest.raises(Exception, match="Could not override 'hydra.launcher.partitoin'") as err:
+        _compose(["hydra/launcher=slurm", "hydra.launcher.partitoin=gpu"])
+    assert "Key 'partitoin' not in 'SlurmQueueConf'" in str(err.value.__cause__)
+
+
+def test_missing_plugin_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(cluster, "_installed", lambda module: False)
+    (problem,) = cluster.missing_plugins(["-m", "hydra/launcher=slurm", "trainer.devices=2"])
+    assert problem.startswith("hydra/launcher=slurm needs the hydra-submitit-launcher plugin")
+    assert 'pip install -c constraints.txt ".[cluster]"' in problem
+    (problem,) = cluster.missing_plugins(["hydra/sweeper=optuna_search"])
+    assert "hydra-optuna-sweeper" in problem
+    monkeypatch.setattr(cluster, "_installed", lambda module: True)
+    assert cluster.missing_plugins(["hydra/launcher=local"]) == []
 
 
 def _compose(overrides: list[str]):

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["LauncherCheck", "launcher_problems", "SUBMITIT_LAUNCHERS"]
+__all__ = ["LauncherCheck", "launcher_problems", "missing_plugins", "SUBMITIT_LAUNCHERS",
+           "PLUGIN_CHOICES"]
 
 _PLUGIN = "hydra_plugins.hydra_submitit_launcher"
 # _target_ of the plugin's launchers -> (executor, name of its config dataclass)
@@ -33,6 +35,39 @@ SUBMITIT_LAUNCHERS = {
     f"{_PLUGIN}.submitit_launcher.SlurmLauncher": ("slurm", "SlurmQueueConf"),
     f"{_PLUGIN}.submitit_launcher.LocalLauncher": ("local", "LocalQueueConf"),
 }
+
+
+# config choices of conf/hydra that extend a plugin of the `cluster` extra -> its module
+PLUGIN_CHOICES = {
+    ("hydra/launcher", "slurm"): _PLUGIN,
+    ("hydra/launcher", "local"): _PLUGIN,
+    ("hydra/launcher", "submitit_slurm"): _PLUGIN,
+    ("hydra/launcher", "submitit_local"): _PLUGIN,
+    ("hydra/sweeper", "optuna_search"): "hydra_plugins.hydra_optuna_sweeper",
+    ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # no hydra_plugins package at all
+        return False
+
+
+def missing_plugins(overrides: list[str]) -> list[str]:
+    """The command-line choices (``hydra/launcher=slurm``, ...) whose Hydra plugin is not
+    installed, each with the install command (Hydra itself would only say that the plugin's
+    config cannot be found)."""
+    problems = []
+    for item in overrides:
+        group, _, choice = item.lstrip("+~").partition("=")
+        module = PLUGIN_CHOICES.get((group, choice))
+        if module is not None and not _installed(module):
+            problems.append(f"{item} needs the {module.split('.')[-1].replace('_', '-')} "
+                            "plugin: pip install -c constraints.txt \".[cluster]\" (in the "
+                            "pinet-lightning checkout)")
+    return problems
 
 
 def _fields(schema: str) -> set[str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
+from pinet_lightning.cli.cluster import missing_plugins
 from pinet_lightning.cli.run import external_rank
 
 __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
@@ -32,6 +34,10 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     directory. The task's return value is the job's (a sweeper reads it as the objective).
     """
     import hydra
+
+    missing = missing_plugins(sys.argv[1:])
+    if missing:
+        raise SystemExit("\n".join(missing))
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
