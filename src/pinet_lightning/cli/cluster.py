@@ -6,7 +6,9 @@ launcher only meets its settings when it builds the executor: a missing partitio
 reach ``sbatch``, a field added with ``+hydra.launcher.<typo>=...`` submitit's own parameter
 check, a ``trainer.devices=auto`` job Lightning's SLURM check on the cluster, hours later.
 :class:`LauncherCheck` (``hydra.callbacks.launcher_check``, conf/hydra/default.yaml) reads
-them at the start of the multirun and stops it with every problem and its fix.
+them at the start of the multirun and stops it with every problem and its fix;
+:func:`missing_plugins` (called by ``run_hydra`` before Hydra starts) names the install
+command when a choice of conf/hydra needs a plugin of the ``cluster`` extra that is missing.
 
 Under SLURM a job has one task per device (``tasks_per_node = trainer.devices``, ``nodes =
 trainer.num_nodes``): Lightning's ``SLURMEnvironment`` gives each task its rank and
