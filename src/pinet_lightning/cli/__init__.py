@@ -8,7 +8,10 @@ the OmegaConf resolvers the configs in ``conf/`` use:
   ``torchrun_<run id>`` under torchrun (every rank and node agrees, a requeued job finds its
   checkpoints again), else a timestamp;
 - ``${pinet_precision:<accelerator>}``: ``bf16-mixed`` when that accelerator means a CUDA GPU
-  that supports bfloat16 (``auto`` with one present, ``gpu``, ``cuda``), else ``32-true``.
+  that supports bfloat16 (``auto`` with one present, ``gpu``, ``cuda``), else ``32-true``;
+- ``${pinet_rank_zero:<value>,<other>}``: ``value`` in the process of global rank 0 (or
+  with no external launcher), ``other`` in the ranks > 0 that srun, torchrun or a submitit
+  SLURM job start: ``hydra.output_subdir`` is ``.hydra`` for rank 0 alone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["run_name", "auto_precision", "register_resolvers"]
+from pinet_lightning.cli.run import external_rank
+
+__all__ = ["run_name", "auto_precision", "rank_zero_value", "register_resolvers"]
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -56,8 +61,15 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
+def rank_zero_value(value: Any, other: Any = None) -> Any:
+    """``value`` in global rank 0 of an externally launched job (or outside one), else
+    ``other``. Not cached: every process of a job resolves it for itself."""
+    return value if external_rank() == 0 else other
+
+
 def register_resolvers() -> None:
-    """Register ``pinet_or``, ``pinet_run_name`` and ``pinet_precision`` (idempotent)."""
+    """Register ``pinet_or``, ``pinet_run_name``, ``pinet_precision`` and ``pinet_rank_zero``
+    (idempotent)."""
     if not OmegaConf.has_resolver("pinet_or"):
         OmegaConf.register_new_resolver("pinet_or", _or)
     if not OmegaConf.has_resolver("pinet_run_name"):
@@ -65,6 +77,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("pinet_run_name", run_name, use_cache=True)
     if not OmegaConf.has_resolver("pinet_precision"):
         OmegaConf.register_new_resolver("pinet_precision", auto_precision)
+    if not OmegaConf.has_resolver("pinet_rank_zero"):
+        OmegaConf.register_new_resolver("pinet_rank_zero", rank_zero_value)
 
 
 register_resolvers()

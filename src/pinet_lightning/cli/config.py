@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
 import pinet_lightning.conf
+from pinet_lightning.cli.cluster import missing_plugins
 from pinet_lightning.cli.run import external_rank
 
 __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
@@ -29,20 +31,32 @@ def config_dir() -> Path:
 def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     """Run ``task`` under ``@hydra.main`` with the packaged config ``config_name``.
 
-    Ranks > 0 of an externally launched job (srun, torchrun) write no ``.hydra`` folder and
-    log to stdout only: rank 0 owns the run directory.
+    Ranks > 0 of an externally launched job (srun, torchrun, a submitit SLURM job with
+    several tasks) write no ``.hydra`` folder (``hydra.output_subdir`` is
+    ``${pinet_rank_zero:.hydra,null}``) and log to stdout only: rank 0 owns the run
+    directory. The task's return value is the job's (a sweeper reads it as the objective).
     """
 
-    if external_rank() > 0:
-        extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-        sys.argv += [a for a in extra if not any(x.startswith(a.split("=")[0])
-                                                 for x in sys.argv[1:])]
+    missing = missing_plugins(sys.argv[1:])
+    if missing:
+        raise SystemExit("\n".join(missing))
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
+        if external_rank() > 0:
+            _drop_file_logging()
         return task(cfg)
 
     _main()
+
+
+def _drop_file_logging() -> None:
+    """Remove the root logger's file handlers (Hydra's ``<run dir>/<job name>.log``): a rank
+    > 0 logs to stdout only. Hydra opened the file but wrote nothing to it yet."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def missing_keys(cfg: Any, prefix: str = "") -> list[str]:

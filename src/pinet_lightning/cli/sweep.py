@@ -21,8 +21,8 @@ __all__ = ["SweepSummary", "collect_jobs", "summarize_sweep"]
 log = logging.getLogger(__name__)
 
 # shown first, in this order, when present
-_KEY_METRICS = ("test/AP", "test/AP50", "test/AP75", "test/AR", "val/AP", "val/AP50",
-                "best/val/AP", "global_step", "epoch")
+_KEY_METRICS = ("objective", "test/AP", "test/AP50", "test/AP75", "test/AR", "val/AP",
+                "val/AP50", "best/val/AP", "global_step", "epoch")
 
 
 def _overrides(job_dir: Path) -> list[str]:

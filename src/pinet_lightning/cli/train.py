@@ -8,7 +8,8 @@ With no arguments it runs the synthetic main job (``experiment=synthetic``). A r
   :class:`~pinet_lightning.training.callbacks.LastCheckpoint`), ``epoch_NNN.ckpt`` (best ``val/AP``)
   and ``model.pt`` (the inference model of the reported checkpoint,
   :class:`~pinet_lightning.training.callbacks.ModelExport`);
-- ``metrics.json``: final val/test metrics, steps, paths; ``predictions.png``: poses on the
+- ``metrics.json``: final val/test metrics, steps, paths, the sweep ``objective`` (val/AP of
+  the reported checkpoint, returned to Hydra's sweeper); ``predictions.png``: poses on the
   first val images (:class:`~pinet_lightning.training.callbacks.PredictionFigure`);
   ``learning_curve.png``; ``csv/`` (or the chosen loggers) with per-step logs and evaluation
   jsons. The pictures and model.pt come from the callbacks of ``conf/callbacks``.
@@ -39,13 +40,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pinet_lightning.cli.config import instantiate_group, missing_keys, run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
+from pinet_lightning.cli.objective import LastValidationStep, sweep_objective
 from pinet_lightning.cli.run import resolve_ckpt_path, start_run, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
 from pinet_lightning.core.config import to_plain
 from pinet_lightning.core.files import load_file
 from pinet_lightning.training.callbacks import LastCheckpoint, RunOutput
 
-__all__ = ["main", "train", "reported_checkpoint"]
+__all__ = ["main", "train", "train_task", "reported_checkpoint"]
 
 log = logging.getLogger("pinet_lightning.train")
 
@@ -86,6 +88,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
+def train_task(cfg: DictConfig) -> float | None:
+    """``pinet-train``'s Hydra task: :func:`train`, returning the run's objective for a
+    sweeper (val/AP of the reported checkpoint, :mod:`pinet_lightning.cli.objective`)."""
+    return train(cfg).get("objective")
+
+
 def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     _check_required(cfg)
@@ -94,6 +102,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
     datamodule, model, trainer = _build(cfg, out_dir, ckpt_path)
     start = next(c for c in trainer.callbacks if isinstance(c, _StartStep))
+    validated = next(c for c in trainer.callbacks if isinstance(c, LastValidationStep))
     outputs = [c for c in trainer.callbacks if isinstance(c, RunOutput)]  # model.pt, pictures
     # checkpoints are read without running code unless the user trusts them explicitly
     safe_load = not cfg.get("trust_checkpoint", False)
@@ -145,6 +154,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(out_dir),
         **{o.metrics_key: str(o.written) for o in outputs if o.written is not None},
     })
+    metrics["objective"] = sweep_objective(metrics, best, best_by_val, validated.step)
     if keep_outputs:
         log.warning("metrics.json and model.pt of %s are kept: they come from step %d and "
                     "this run ended at step %d", out_dir, previous, progress["global_step"])
@@ -169,7 +179,8 @@ def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, _StartStep()],
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, _StartStep(),
+                                                                 LastValidationStep()],
                                       logger=loggers or False, _convert_="all")
     install_launcher(trainer)
     register_job("pinet_lightning.cli.train:train", out_dir / "config.yaml",
@@ -230,7 +241,7 @@ def _recorded_step(path: Path) -> int | None:
 
 def main() -> None:
     """Console entry point ``pinet-train`` (Hydra: ``pinet-train --help``)."""
-    run_hydra("train", train)
+    run_hydra("train", train_task)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ eval collate stacks images of one size; when sizes differ it raises (use
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import json
 from collections.abc import Mapping
@@ -203,19 +204,24 @@ class PINetDataModule(pl.LightningDataModule):
             return
 
         root = Path(str(self.synthetic["root"]))
+        root.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             knobs = self._synthetic_knobs(split)
             out = root / split
             meta_path = out / "synthetic_meta.json"
             meta = {**knobs, "version": _SYNTHETIC_VERSION}
-            if (out / "annotations.json").is_file() and meta_path.is_file():
-                try:
-                    if json.loads(meta_path.read_text()) == meta:
-                        continue
-                except json.JSONDecodeError:
-                    pass
-            generate_synthetic_crowd(out, **knobs)
-            meta_path.write_text(json.dumps(meta, indent=1))
+            # the jobs of a parallel sweep (hydra/launcher=local or slurm) share the cache:
+            # one generates, the others wait for it and read the finished set
+            with open(root / f".{split}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if (out / "annotations.json").is_file() and meta_path.is_file():
+                    try:
+                        if json.loads(meta_path.read_text()) == meta:
+                            continue
+                    except json.JSONDecodeError:
+                        pass
+                generate_synthetic_crowd(out, **knobs)
+                meta_path.write_text(json.dumps(meta, indent=1))
 
     def _dataset(self, split: str, train: bool) -> CocoKeypointDataset:
         entry = self.splits[split]
