@@ -3,7 +3,7 @@ device (issue 12).
 
 Writes ``--images`` synthetic crowd JPEGs of 512 x 512 (``generate_synthetic_crowd``, 10-14
 people an image, CrowdPose layout) to a temporary folder, builds ``PINetDataModule``'s train
-loader on them (batch 20, augmentation on) once per target format, ``data.sparse_targets``
+loader on them (batch 20, augmentation on) once per target format, ``codec.sparse``
 false (dense maps) and true (Omega's entries and the Gaussian windows), and prints, side by
 side:
 

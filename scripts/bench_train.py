@@ -12,7 +12,7 @@ is the share of the backbone's throughput that the full step keeps.
 
 The batch is built once and stays on the device: ``generate_synthetic_crowd`` draws B
 crowded scenes (2-8 overlapping people), ``CocoKeypointDataset`` augments them and encodes
-the targets exactly as a training loader worker does (sparse, as ``data.sparse_targets``'s
+the targets exactly as a training loader worker does (sparse, as ``codec.sparse``'s
 default, so the step includes rendering the heatmap targets on the device and reading Omega;
 ``--dense`` for the dense maps), and ``train_collate`` concatenates them.
 The device is synchronized before and after each timed window (no sync inside it).
@@ -230,7 +230,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense", action="store_true",
-                        help="dense target maps in the batch (data.sparse_targets=false)")
+                        help="dense target maps in the batch (codec.sparse=false)")
     args = parser.parse_args()
     preset = QUICK if args.quick else DEFAULTS
     for key, value in preset.items():

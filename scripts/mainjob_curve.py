@@ -109,7 +109,7 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
         crit = module.criterion
         heat = crit.heatmap_loss(outputs["heatmaps"], outputs["part_heatmaps"],
                                  heatmap_targets(batch))
-        omega = crit._omega(outputs, batch)  # None: a dense batch (data.sparse_targets=false)
+        omega = crit._omega(outputs, batch)  # None: a dense batch (codec.sparse=false)
         off = (crit.offset_loss(outputs["offsets"], omega) if omega is not None else
                crit.offset_loss(outputs["offsets"], batch["offsets"], batch["offset_weights"]))
         loss = crit.heatmap_weight * heat + crit.offset_weight * off
@@ -148,7 +148,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
           "refine ms (share) | forward ms | img/s (data + step) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for b, s, p, layers in grid:
-        overrides = [f"data.batch_size={b}", f"data.input_size={s}",
+        overrides = [f"data.batch_size={b}", f"codec.input_size={s}",
                      f"model.loss.proposals_per_part={p}",
                      f"model.network.refine_layers={layers}",
                      f"paths.data_dir={args.data_dir}", *args.override]

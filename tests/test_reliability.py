@@ -149,13 +149,14 @@ def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    cfg = _compose(tmp_path, ["data.input_size=500"])
+    cfg = _compose(tmp_path, ["codec.input_size=500"])
     # before: the first training step crashed inside HRNet, naming no setting
     with pytest.raises((ValueError, InstantiationException),
-                       match=r"data\.input_size=500 must be a positive multiple of 32.*"
-                             r"data\.input_size=480 or 512"):
+                       match=r"codec\.input_size=500 must be a positive multiple of 32.*"
+                             r"codec\.input_size=480 or 512"):
         instantiate(cfg.data, _convert_="all")
-    assert instantiate(_compose(tmp_path, ["data.input_size=96"]).data).input_size == 96
+    dm = instantiate(_compose(tmp_path, ["codec.input_size=96"]).data, _convert_="all")
+    assert dm.codec.input_size == 96
 
 
 def test_keypoint_count_hint_names_the_working_override(tmp_path):
@@ -263,7 +264,7 @@ def test_pinet_predict_writes_results_for_what_it_read_when_stopped(tiny_model, 
 
 # ----------------------------------------------------------------- training
 TINY = [
-    "data.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
+    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
     "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=4",
     "data.num_workers=0", "data.pin_memory=false", "trainer.accelerator=cpu",
     "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # tiny and fast: 64 px images, 8 train / 2 val images, 2 steps an epoch, 1 refine block
 NO_FIGURE = "callbacks.prediction_figure.num_images=0"
 TINY = [
-    "data.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
+    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
     "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=4",
     "data.num_workers=0", "data.pin_memory=false", "trainer.accelerator=cpu",
     "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",

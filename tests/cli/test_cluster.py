@@ -26,7 +26,7 @@ from pinet_lightning.cli.objective import sweep_objective
 
 # 8 images of 64 px, 2 training steps (1 epoch, validated), one thread
 TINY = [
-    "data.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
+    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
     "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=2",
     "data.num_workers=0", "data.pin_memory=false", "trainer.num_sanity_val_steps=0",
     "trainer.log_every_n_steps=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",

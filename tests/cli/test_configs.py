@@ -139,8 +139,9 @@ def test_layouts_are_data(tmp_path, name):
     else:
         assert layout.num_keypoints == len(cfg.layout.names)
         assert layout.flip_index == tuple(cfg.layout.flip_index)
-    # model and data receive the same mapping
-    assert cfg.model.layout == cfg.layout and cfg.data.layout == cfg.layout
+    # the codec holds it, and model and data receive the same codec
+    assert cfg.codec.layout == cfg.layout
+    assert cfg.model.codec == cfg.codec and cfg.data.codec == cfg.codec
 
 
 @pytest.mark.parametrize("data", _options("data"))
@@ -155,8 +156,8 @@ def test_data_options_instantiate(tmp_path, data):
     assert dm.layout.name == layout
     assert dm.protocol == cfg.data.protocol
     assert dm.test_annotation_file is not None
-    if data in ("coco", "ochuman"):
-        assert dm.targets["min_part_area"] == 1024.0
+    # data=coco / data=ochuman bring the 32^2 rule into the codec (CrowdPose: none)
+    assert dm.codec.targets["min_part_area"] == (1024.0 if data in ("coco", "ochuman") else 0.0)
     coco = data == "coco"
     assert dm.people == {"ignore_regions": coco, "min_image_keypoints": 10 if coco else None}
     assert dm.augmentation["max_translate"] == 0.2 and dm.augmentation["ignore_padding"]
@@ -365,3 +366,21 @@ def test_optimizer_scheduler_and_dataset_nodes_mirror_the_code(tmp_path):
     assert setup["optimizer"].param_groups[0]["lr"] == 0.002  # the main job's
     assert isinstance(setup["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.MultiStepLR)
     assert module.hparams.optimizer["_target_"] == "torch.optim.Adam"
+
+
+def test_moved_settings_name_the_override_that_works(tmp_path):
+    """An override of a setting that moved into the codec (or the scheduler) is answered with
+    the new name, and that answer composes."""
+    from pinet_lightning.cli.config import moved_settings
+
+    lines = moved_settings(["data.input_size=96", "+data.targets.sigma=1.5",
+                            "model.optimizer.milestones=[3]", "data.layout=coco",
+                            "convention=published", "data.batch_size=2"])
+    fixes = [line.rsplit("pass ", 1)[1] for line in lines]
+    assert fixes == ["codec.input_size=96", "codec.targets.sigma=1.5",
+                     "model.scheduler.milestones=[3]", "layout=coco",
+                     "codec.convention=published"]
+    cfg = _compose("train", fixes, tmp_path)
+    assert cfg.codec.input_size == 96 and cfg.codec.targets.sigma == 1.5
+    assert cfg.data.codec.convention == "published" and cfg.codec.layout.name == "coco"
+    assert list(cfg.model.scheduler.milestones) == [3]

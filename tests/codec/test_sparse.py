@@ -179,7 +179,7 @@ def test_sparse_losses_and_proposals_equal_dense(empty_cells):
 
 
 def test_dataset_pipeline_dense_and_sparse_give_the_same_losses(tmp_path):
-    """The data module's two settings of data.sparse_targets on the same augmented samples."""
+    """The data module's two settings of codec.sparse on the same augmented samples."""
     synthetic = {"root": str(tmp_path), "num_train": 4, "num_val": 1, "image_size": 128,
                  "min_people": 4, "max_people": 6, "overlap": 0.7, "seed": 3}
     batches = {}

@@ -167,7 +167,7 @@ def fitted(synthetic_crowd, tmp_path_factory):
     """A 2-step fit with validation (sanity check included) and its checkpoint."""
     root = tmp_path_factory.mktemp("fit")
     pl.seed_everything(0, workers=True)
-    module = small_module(optimizer={"milestones": [1], "lr": 1e-3})
+    module = small_module(optimizer={"lr": 1e-3}, scheduler={"milestones": [1]})
     dm = make_datamodule(synthetic_crowd)
     trainer = make_trainer(root, max_epochs=1, limit_train_batches=2,
                            num_sanity_val_steps=1, log_every_n_steps=1)

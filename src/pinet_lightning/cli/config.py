@@ -19,13 +19,47 @@ import pinet_lightning.conf
 from pinet_lightning.cli.cluster import missing_plugins
 from pinet_lightning.cli.run import external_rank
 
-__all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
+__all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group", "moved_settings",
+           "MOVED_SETTINGS"]
+
+# Settings that moved (an override of the old name would be Hydra's "not in struct"): the
+# codec owns the frame and the targets, the scheduler the learning-rate schedule.
+MOVED_SETTINGS: dict[str, str] = {
+    "data.input_size": "codec.input_size",
+    "data.output_stride": "codec.output_stride",
+    "data.convention": "codec.convention",
+    "data.sparse_targets": "codec.sparse",
+    "data.targets": "codec.targets",
+    "data.layout": "layout",
+    "convention": "codec.convention",
+    "model.network.convention": "codec.convention",
+    "model.layout": "layout",
+    "model.optimizer.milestones": "model.scheduler.milestones",
+    "model.optimizer.gamma": "model.scheduler.gamma",
+}
 
 
 def config_dir() -> Path:
     """The packaged ``conf/`` folder (``pinet_lightning.conf``), editable or installed."""
-
     return Path(pinet_lightning.conf.__file__).resolve().parent
+
+
+def moved_settings(overrides: list[str]) -> list[str]:
+    """One line per command-line override that names a setting of :data:`MOVED_SETTINGS`,
+    giving the override to pass instead."""
+    lines = []
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        for old, new in MOVED_SETTINGS.items():
+            if key == old or key.startswith(old + "."):
+                now = new + key[len(old):]
+                why = ("the codec owns the frame and the targets, conf/codec/pinet.yaml"
+                       if new.startswith("codec") else
+                       "the learning-rate schedule is the scheduler node"
+                       if new.startswith("model.scheduler") else
+                       "the layout group feeds the codec, the data and the model")
+                lines.append(f"{key} is now {now} ({why}): pass {now}{sep}{value}")
+    return lines
 
 
 def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
@@ -36,10 +70,9 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     ``${pinet_rank_zero:.hydra,null}``) and log to stdout only: rank 0 owns the run
     directory. The task's return value is the job's (a sweeper reads it as the objective).
     """
-
-    missing = missing_plugins(sys.argv[1:])
-    if missing:
-        raise SystemExit("\n".join(missing))
+    problems = moved_settings(sys.argv[1:]) + missing_plugins(sys.argv[1:])
+    if problems:
+        raise SystemExit("\n".join(problems))
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
     def _main(cfg: DictConfig) -> Any:

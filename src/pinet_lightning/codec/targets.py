@@ -17,7 +17,7 @@ open, fixed here and tested in tests/test_targets.py:
   ``int(cx)``, ``int(cy)`` (truncation toward zero) fall inside the map, and its Gaussian
   only when ``0 <= cx < W`` and ``0 <= cy < H``; so a center at ``x = -0.2`` claims the
   offset cells 0 and 1 but draws no part Gaussian (its cells then score 0 as proposals).
-  ``part_center_in_map=True`` (data.targets.part_center_in_map) averages the keypoints that
+  ``part_center_in_map=True`` (codec.targets.part_center_in_map) averages the keypoints that
   count (``v > 0`` *and* inside the map) instead: keypoints outside the map have no heatmap
   and no offset target, and a center built from them can leave the map (then the part
   writes nothing although some of its keypoints are visible) or sit far from what the
@@ -28,7 +28,7 @@ open, fixed here and tested in tests/test_targets.py:
   areas go to the lower person index (deterministic, independent of numpy's write order).
 - Offset weights ``1 / sqrt(max(area, 1))``: the clamp keeps degenerate boxes finite.
 
-Sparse forms (what the loader workers send by default, ``data.sparse_targets``): Omega's
+Sparse forms (what the loader workers send by default, ``codec.sparse``): Omega's
 entries instead of the dense offsets and weights (``offsets_format="omega"``), and each
 Gaussian as its window's two 1-D factors instead of the four heatmap maps
 (``heatmaps_format="windows"``); their size against the dense maps: scripts/bench_loader.py.

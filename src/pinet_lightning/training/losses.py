@@ -17,7 +17,7 @@ the outputs without host syncs: the proposal count m of algorithm.md 4 is applie
 fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.training.proposals`), so the
 shapes are static. Losses are computed in float32 even under bf16 autocast.
 
-Sparse batches (``data.sparse_targets``, the default): the heatmap targets are rendered on
+Sparse batches (``codec.sparse``, the default): the heatmap targets are rendered on
 the device from their Gaussian windows (:func:`~pinet_lightning.codec.targets.heatmap_targets`,
 equal to the dense ones bit for bit), and the offset loss, the proposal scores and the refine
 targets read Omega's entries (:class:`~pinet_lightning.codec.targets.OmegaBatch`) by gathers and

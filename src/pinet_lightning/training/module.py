@@ -106,8 +106,11 @@ def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = Tr
         return dict(given)
     unknown = sorted(set(given) - set(defaults))
     if strict and unknown:
+        moved = (" (the learning-rate schedule's milestones and gamma are model.scheduler's)"
+                 if name == "optimizer" and {"milestones", "gamma"} & set(unknown) else "")
         raise ValueError(f"unknown PINetModule {name} keys {unknown}; "
-                         f"known: {sorted(defaults)} (fix the {name} section of the config)")
+                         f"known: {sorted(defaults)} (fix the {name} section of the config)"
+                         + moved)
     return {**copy.deepcopy(dict(defaults)), **given}
 
 
