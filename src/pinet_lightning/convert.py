@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from pinet_lightning.checkpoints import UntrustedCheckpointError
 
 __all__ = ["convert_published", "published_network", "is_published_state", "published_state",
            "map_published_key", "main"]
@@ -218,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         dst = convert_published(args.src, args.dst, args.layout, args.trust_checkpoint)
+    except UntrustedCheckpointError as err:  # this command's way to trust a file is its flag
+        parser.exit(2, f"pinet-convert: {err.path} holds Python objects, and loading them can "
+                       "run code. It was refused. Only if you trust where it comes from, run "
+                       f"again with --trust-checkpoint: pinet-convert {shlex.quote(args.src)} "
+                       f"{shlex.quote(args.dst)} --trust-checkpoint\n")
     except (OSError, ValueError) as err:
         parser.exit(2, f"pinet-convert: {err}\n")
     from pinet_lightning.network import load_model
