@@ -1,19 +1,40 @@
-"""Hydra for the commands: the packaged ``conf/`` folder, start-up, ``???`` checks and
+"""Hydra for the commands: the packaged ``conf/`` folder, start-up (with the third-party
+warnings nobody can act on filtered out), ``???`` checks, the trainer settings' types and
 ``_target_`` groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
 from pinet_lightning.cli.run import external_rank
 
-__all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group"]
+__all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group",
+           "check_trainer_settings", "quiet_third_party_warnings", "QUIET_WARNINGS"]
+
+# Warnings raised inside third-party code that a user of the commands cannot act on, each
+# matched by the module that raises it, its category AND its message, so that nothing else
+# is hidden (ours never: no entry names a pinet_lightning module).
+QUIET_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning 2.6 builds torch's LeafSpec, deprecated in torch 2.10+, on every batch transfer
+    (r"pytorch_lightning\.utilities\._pytree$", FutureWarning,
+     r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Ignore the :data:`QUIET_WARNINGS` (module, category and message must all match)."""
+    for module, category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def config_dir() -> Path:
@@ -31,6 +52,7 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     """
     import hydra
 
+    quiet_third_party_warnings()
     if external_rank() > 0:
         extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
         sys.argv += [a for a in extra if not any(x.startswith(a.split("=")[0])
@@ -83,3 +105,63 @@ def instantiate_group(group: Any) -> list[Any]:
                              "conf/logger)")
         objects.append(instantiate(node, _convert_="all"))
     return objects
+
+
+def _scalar_types(hint: Any) -> tuple[set[type], set[Any]] | None:
+    """(accepted scalar types, accepted literal values) of a type hint made of scalars only
+    (int, float, bool, str, None, Literal); None when it admits anything else."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        found: tuple[set[type], set[Any]] = (set(), set())
+        for arg in typing.get_args(hint):
+            part = _scalar_types(arg)
+            if part is None:
+                return None
+            found[0].update(part[0])
+            found[1].update(part[1])
+        return found
+    if origin is typing.Literal:
+        return set(), set(typing.get_args(hint))
+    if hint in (int, float, bool, str, type(None)):
+        return {hint}, set()
+    return None
+
+
+def _accepts(kinds: set[type], literals: set[Any], value: Any) -> bool:
+    if value in literals and not (isinstance(value, bool) and bool not in kinds):
+        return True
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, bool):
+        return bool in kinds or int in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    return isinstance(value, str) and str in kinds
+
+
+def check_trainer_settings(trainer: Any, prefix: str = "trainer.") -> None:
+    """Refuse, naming the override, a ``trainer.*`` value of the wrong type for Lightning's
+    ``Trainer`` (``trainer.max_epochs=abc`` ended in a bare ``AssertionError`` inside
+    Lightning). Only the arguments whose type is made of scalars are checked."""
+    if not isinstance(trainer, (DictConfig, Mapping)):
+        return
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in trainer.items():
+        if key not in hints or isinstance(value, (DictConfig, Mapping, list, tuple)):
+            continue
+        scalar = _scalar_types(hints[key])
+        if scalar is None or _accepts(*scalar, value):
+            continue
+        kinds, literals = scalar
+        wanted = [{int: "an integer", float: "a number", bool: "true / false",
+                   str: "a string", type(None): "null"}[k] for k in
+                  (int, float, bool, str, type(None)) if k in kinds]
+        if literals:
+            wanted.append("one of " + ", ".join(map(str, sorted(literals, key=str))))
+        example = {int: "10", float: "1.0", bool: "true"}.get(
+            next((k for k in (int, float, bool) if k in kinds), None), None)
+        fix = f"e.g. {prefix}{key}={example}" if example else "see the Trainer documentation"
+        raise ValueError(f"{prefix}{key}={value!r} is not valid: Lightning's Trainer takes "
+                         f"{' or '.join(wanted)} there; pass {fix}")
