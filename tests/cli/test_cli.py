@@ -168,6 +168,7 @@ def test_pinet_eval_reproduces_the_test_metrics(trained, tmp_path):
     assert isinstance(results, list)
     assert all(len(r["keypoints"]) == 14 * 3 for r in results)
     assert "AP" in proc.stdout  # the printed table
+    assert "LeafSpec" not in proc.stderr  # Lightning's deprecation noise is filtered (issue 20)
     # the inference model file works too, on the val split, away from its run directory:
     # the data settings travel in the file, no config.yaml is read
     moved = tmp_path / "elsewhere" / "model.pt"

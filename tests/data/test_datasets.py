@@ -224,7 +224,8 @@ def test_synthetic_crowd_train_sample(synthetic_crowd):
 def test_real_crowdpose_annotations(crowdpose_val_json, tmp_path):
     (tmp_path / "images").mkdir()
     for image in json.loads(crowdpose_val_json.read_text())["images"]:
-        (tmp_path / "images" / image["file_name"]).touch()  # present (checked at start)
+        # present and not empty (checked at start); never decoded here
+        (tmp_path / "images" / image["file_name"]).write_bytes(b"x")
     ds = CocoKeypointDataset(tmp_path / "images", crowdpose_val_json,
                              codec=PINetCodec("crowdpose", sparse=False))
     assert 0 < len(ds) <= 2000

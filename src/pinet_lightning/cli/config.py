@@ -1,15 +1,20 @@
-"""Hydra for the commands: the packaged ``conf/`` folder, start-up, ``???`` checks and
+"""Hydra for the commands: the packaged ``conf/`` folder, start-up (with the third-party
+warnings nobody can act on filtered out), ``???`` checks, the trainer settings' types and
 ``_target_`` groups (callbacks, loggers)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
@@ -20,7 +25,8 @@ from pinet_lightning.cli.cluster import missing_plugins
 from pinet_lightning.cli.run import external_rank
 
 __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group", "moved_settings",
-           "MOVED_SETTINGS"]
+           "MOVED_SETTINGS", "check_trainer_settings", "quiet_third_party_warnings",
+           "QUIET_WARNINGS"]
 
 # Settings that moved (an override of the old name would be Hydra's "not in struct"): the
 # codec owns the frame and the targets, the scheduler the learning-rate schedule.
@@ -37,6 +43,21 @@ MOVED_SETTINGS: dict[str, str] = {
     "model.optimizer.milestones": "model.scheduler.milestones",
     "model.optimizer.gamma": "model.scheduler.gamma",
 }
+
+# Warnings raised inside third-party code that a user of the commands cannot act on, each
+# matched by the module that raises it, its category AND its message, so that nothing else
+# is hidden (ours never: no entry names a pinet_lightning module).
+QUIET_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning 2.6 builds torch's LeafSpec, deprecated in torch 2.10+, on every batch transfer
+    (r"pytorch_lightning\.utilities\._pytree$", FutureWarning,
+     r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Ignore the :data:`QUIET_WARNINGS` (module, category and message must all match)."""
+    for module, category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def config_dir() -> Path:
@@ -70,6 +91,7 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     ``${pinet_rank_zero:.hydra,null}``) and log to stdout only: rank 0 owns the run
     directory. The task's return value is the job's (a sweeper reads it as the objective).
     """
+    quiet_third_party_warnings()
     problems = moved_settings(sys.argv[1:]) + missing_plugins(sys.argv[1:])
     if problems:
         raise SystemExit("\n".join(problems))
@@ -129,3 +151,63 @@ def instantiate_group(group: Any) -> list[Any]:
                              "conf/logger)")
         objects.append(instantiate(node, _convert_="all"))
     return objects
+
+
+def _scalar_types(hint: Any) -> tuple[set[type], set[Any]] | None:
+    """(accepted scalar types, accepted literal values) of a type hint made of scalars only
+    (int, float, bool, str, None, Literal); None when it admits anything else."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        found: tuple[set[type], set[Any]] = (set(), set())
+        for arg in typing.get_args(hint):
+            part = _scalar_types(arg)
+            if part is None:
+                return None
+            found[0].update(part[0])
+            found[1].update(part[1])
+        return found
+    if origin is typing.Literal:
+        return set(), set(typing.get_args(hint))
+    if hint in (int, float, bool, str, type(None)):
+        return {hint}, set()
+    return None
+
+
+def _accepts(kinds: set[type], literals: set[Any], value: Any) -> bool:
+    if value in literals and not (isinstance(value, bool) and bool not in kinds):
+        return True
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, bool):
+        return bool in kinds or int in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    return isinstance(value, str) and str in kinds
+
+
+def check_trainer_settings(trainer: Any, prefix: str = "trainer.") -> None:
+    """Refuse, naming the override, a ``trainer.*`` value of the wrong type for Lightning's
+    ``Trainer`` (``trainer.max_epochs=abc`` ended in a bare ``AssertionError`` inside
+    Lightning). Only the arguments whose type is made of scalars are checked."""
+    if not isinstance(trainer, (DictConfig, Mapping)):
+        return
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in trainer.items():
+        if key not in hints or isinstance(value, (DictConfig, Mapping, list, tuple)):
+            continue
+        scalar = _scalar_types(hints[key])
+        if scalar is None or _accepts(*scalar, value):
+            continue
+        kinds, literals = scalar
+        wanted = [{int: "an integer", float: "a number", bool: "true / false",
+                   str: "a string", type(None): "null"}[k] for k in
+                  (int, float, bool, str, type(None)) if k in kinds]
+        if literals:
+            wanted.append("one of " + ", ".join(map(str, sorted(literals, key=str))))
+        example = {int: "10", float: "1.0", bool: "true"}.get(
+            next((k for k in (int, float, bool) if k in kinds), None), None)
+        fix = f"e.g. {prefix}{key}={example}" if example else "see the Trainer documentation"
+        raise ValueError(f"{prefix}{key}={value!r} is not valid: Lightning's Trainer takes "
+                         f"{' or '.join(wanted)} there; pass {fix}")

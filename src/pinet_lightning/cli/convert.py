@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
+from pinet_lightning.core.files import UntrustedCheckpointError
 from pinet_lightning.model.checkpoints import convert_published, load_model
 from pinet_lightning.model.published import PUBLISHED_INPUT_SIZE
 
@@ -26,6 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         dst = convert_published(args.src, args.dst, args.layout, args.trust_checkpoint)
+    except UntrustedCheckpointError as err:  # this command's way to trust a file is its flag
+        parser.exit(2, f"pinet-convert: {err.path} holds Python objects, and loading them can "
+                       "run code. It was refused. Only if you trust where it comes from, run "
+                       f"again with --trust-checkpoint: pinet-convert {shlex.quote(args.src)} "
+                       f"{shlex.quote(args.dst)} --trust-checkpoint\n")
     except (OSError, ValueError) as err:
         parser.exit(2, f"pinet-convert: {err}\n")
     net = load_model(dst)

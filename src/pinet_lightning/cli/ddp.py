@@ -38,6 +38,8 @@ from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from pinet_lightning.cli.config import quiet_third_party_warnings
+
 __all__ = [
     "ChildJob",
     "ConfigScriptLauncher",
@@ -175,6 +177,7 @@ def child_main(argv: Sequence[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO,
                         format=f"[rank {os.environ.get('LOCAL_RANK', '?')}] %(message)s")
+    quiet_third_party_warnings()
     cfg = OmegaConf.load(args.config)
     if args.overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))

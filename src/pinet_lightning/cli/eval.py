@@ -15,7 +15,6 @@ several devices.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,13 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pinet_lightning.cli.config import run_hydra
+from pinet_lightning.cli.config import check_trainer_settings, run_hydra
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
-from pinet_lightning.cli.run import start_run, write_metrics
+from pinet_lightning.cli.run import start_run, stopped_runs_fail, write_metrics
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
 from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.core.annotations import KeypointCountError
+from pinet_lightning.core.atomic import copy_file
 from pinet_lightning.core.config import to_plain
 from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.model.checkpoints import LoadedNetwork, load_network
@@ -52,6 +53,29 @@ def _datamodule(cfg: DictConfig, codec: PINetCodec, loaded: LoadedNetwork) -> PI
     return PINetDataModule(**{**loaded.data, "codec": codec})
 
 
+# the data option of each built-in layout's dataset
+_LAYOUT_DATA = {"crowdpose": "crowdpose", "coco": "coco", "ochuman": "ochuman"}
+
+
+def _layout_mismatch(cfg: DictConfig, loaded: Any, err: KeypointCountError) -> ValueError:
+    """pinet-eval's own fix for data of another keypoint count: the layout is the
+    checkpoint's, so the data must change (``layout=...`` cannot help, unlike in training)."""
+    layout = loaded.net.layout
+    if loaded.data and cfg.get("data") is not None:
+        fix = (f"drop data=... to evaluate on the data the checkpoint was trained on (its "
+               f"settings are in {cfg.ckpt_path}), or give data of that layout")
+    elif layout.name in _LAYOUT_DATA:
+        fix = (f"evaluate it on {layout.name} data (data={_LAYOUT_DATA[layout.name]} and "
+               "its paths, or data=custom with annotations of that layout)")
+    else:
+        fix = "evaluate it on annotations of that layout (data=custom and their paths)"
+    return ValueError(
+        f"pinet-eval: {err.source} has {err.found} keypoints, but the checkpoint "
+        f"{cfg.ckpt_path} is a network for the layout '{layout.name}' ({err.expected} "
+        f"keypoints), and pinet-eval takes the layout from the checkpoint (layout=... does "
+        f"not change it): {fix}; or evaluate a checkpoint trained on {err.found}-keypoint data")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``; returns the metrics."""
     with ddp_job_scope():
@@ -63,6 +87,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = str(cfg.get("split", "test"))
     if split not in ("test", "val"):
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")
+    check_trainer_settings(cfg.trainer)
     out_dir = start_run(cfg)
 
     loaded = load_network(Path(str(cfg.ckpt_path)).expanduser(),
@@ -72,16 +97,17 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         codec = PINetCodec.from_any(codec, input_size=int(cfg.input_size))
     model = PINetModule(codec=codec, net=loaded.net, decode=to_plain(cfg.decode))
     datamodule = _datamodule(cfg, codec, loaded)
-    if datamodule.layout.num_keypoints != model.layout.num_keypoints:
-        raise ValueError(f"pinet-eval: the checkpoint's layout has {model.layout.num_keypoints}"
-                         f" keypoints but the data has {datamodule.layout.num_keypoints}")
     callbacks = [pl.callbacks.RichProgressBar()]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks,
                                       _convert_="all")
     install_launcher(trainer)
     register_job("pinet_lightning.cli.eval:evaluate", out_dir / "config.yaml")
     run = trainer.test if split == "test" else trainer.validate
-    results = run(model, datamodule=datamodule)
+    try:
+        with stopped_runs_fail("pinet-eval"):
+            results = run(model, datamodule=datamodule)
+    except KeypointCountError as err:  # raised when the split's file is read
+        raise _layout_mismatch(cfg, loaded, err) from err
     metrics: dict[str, Any] = {}
     for res in results:
         metrics.update(format_metrics(res))
@@ -89,7 +115,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     evaluation = model.evaluations.get(split)
     if evaluation is not None and evaluation.results_path is not None:
-        shutil.copyfile(evaluation.results_path, out_dir / "results.json")
+        copy_file(evaluation.results_path, out_dir / "results.json")
         metrics["results_json"] = str(out_dir / "results.json")
     metrics.update({"checkpoint": str(Path(str(cfg.ckpt_path)).resolve()), "split": split,
                     "protocol": datamodule.protocol, "convention": codec.convention,

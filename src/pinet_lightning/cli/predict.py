@@ -5,7 +5,8 @@
 An image that cannot be read (missing, a folder named like an image, truncated, corrupt) is
 skipped with a warning; the run goes on and lists them at the end (``unreadable.json``).
 Writes into ``output_dir`` (default: the run directory), ``results.json`` even when the run
-stops early (for the images read until then):
+stops early (for the images read until then), each JSON file whole or not at all (a full
+disk leaves the previous file and an error naming it):
 
 - ``results.json``: COCO keypoint results (``image_id``, ``category_id`` 1, ``keypoints``
   ``[x, y, score] * K`` in the original pixels, ``score``);
@@ -17,7 +18,6 @@ stops early (for the images read until then):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.run import load_inference_net, save_config, setup_threads
+from pinet_lightning.core.atomic import write_json
 from pinet_lightning.core.config import to_plain
 from pinet_lightning.inference.predictor import load_image
 from pinet_lightning.inference.visualize import draw_poses, save_image
@@ -216,14 +217,25 @@ class _Outputs:
             self.writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
 
     def close(self) -> None:
-        """Finish the video and write the JSON files."""
+        """Finish the video and write the JSON files, each whole or not at all (a full disk
+        leaves the previous file, if any); one that cannot be written does not keep the
+        others from being written, and the error names every such file."""
         out_dir = self.out_dir
         if self.writer is not None:
             self.writer.release()
-        (out_dir / "results.json").write_text(json.dumps(self.results))
-        (out_dir / "image_ids.json").write_text(json.dumps(self.image_ids, indent=1))
+        files = [("results.json", self.results, None), ("image_ids.json", self.image_ids, 1)]
         if self.unreadable:
-            (out_dir / "unreadable.json").write_text(json.dumps(self.unreadable, indent=1))
+            files.append(("unreadable.json", self.unreadable, 1))
+        failed: list[OSError] = []
+        for name, content, indent in files:
+            try:
+                write_json(out_dir / name, content, indent=indent)
+            except OSError as err:
+                failed.append(err)
+        if failed:
+            message = "pinet-predict: " + "; ".join(e.strerror or str(e) for e in failed)
+            raise (OSError(failed[0].errno, message) if failed[0].errno is not None
+                   else OSError(message)) from failed[0]
 
     def summary(self) -> dict[str, Any]:
         """Log the counts; the summary (counts and paths)."""

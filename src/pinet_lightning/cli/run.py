@@ -1,26 +1,34 @@
 """Run directories of the commands: threads, the directory and its config, the seed, the
-checkpoint to resume, metrics files, and the predictor of a checkpoint."""
+checkpoint to resume, metrics files (written atomically), the predictor of a checkpoint, and
+the exit status of a run that was stopped (:func:`stopped_runs_fail`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Mapping
+import shlex
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pinet_lightning.cli.ddp import is_ddp_child
+from pinet_lightning.core.atomic import write_json, write_text
 from pinet_lightning.inference.predictor import Predictor
 
 __all__ = ["external_rank", "setup_threads", "start_run", "save_config", "resolve_ckpt_path",
-           "write_metrics", "load_inference_net"]
+           "write_metrics", "load_inference_net", "resume_command", "stopped_runs_fail",
+           "SIGTERM_EXIT"]
 
 log = logging.getLogger("pinet_lightning")
+
+SIGTERM_EXIT = 143  # 128 + 15: the status a shell reports for a job that SIGTERM ended
 
 
 def external_rank() -> int:
@@ -81,9 +89,41 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def write_metrics(path: Path, metrics: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True, default=str))
-    return path
+    """``metrics.json``, whole or not at all (a failed write keeps the previous file)."""
+    return write_json(path, dict(metrics), indent=2, sort_keys=True, default=str)
+
+
+def resume_command(run_dir: Path, command: str = "pinet-train") -> str:
+    """The command that resumes the run in ``run_dir`` from its ``last.ckpt``: the same
+    overrides (when Hydra knows them), ``run_dir`` and ``ckpt_path=last``."""
+    try:
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not run by Hydra (tests, the API)
+        return f"{command} run_dir={run_dir} ckpt_path=last <the overrides of the first run>"
+    kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in
+            ("run_dir", "ckpt_path", "resume")]
+    return shlex.join([command, *kept, f"run_dir={run_dir}", "ckpt_path=last"])
+
+
+@contextmanager
+def stopped_runs_fail(command: str, resume: str | None = None) -> Iterator[None]:
+    """A run that did not finish exits non-zero.
+
+    Lightning ends a run stopped by SIGTERM (a preempted or cancelled job) with its
+    ``SIGTERMException``, a ``SystemExit`` without a code, i.e. exit status 0: a scheduler
+    or ``pinet-train && next`` would take it for a finished run. It becomes exit status 143
+    (``SIGTERM_EXIT``), and a Ctrl-C's ``SystemExit(1)`` stays 1; both log the command that
+    resumes the run (``resume``).
+    """
+    then = f"; resume it with:\n  {resume}" if resume else "; run it again"
+    try:
+        yield
+    except SIGTERMException as err:
+        log.error("%s was stopped by SIGTERM before it finished%s", command, then)
+        raise SystemExit(SIGTERM_EXIT) from err
+    except SystemExit as err:  # Lightning's graceful Ctrl-C ends with sys.exit(1)
+        log.error("%s was interrupted before it finished%s", command, then)
+        raise SystemExit(err.code or 1) from err
 
 
 def load_inference_net(ckpt_path: str | Path, **options: Any) -> Any:
@@ -99,7 +139,5 @@ def load_inference_net(ckpt_path: str | Path, **options: Any) -> Any:
 
 def save_config(cfg: DictConfig, path: Path) -> Path:
     """Write the fully resolved config (no interpolations left; DDP children read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.save(resolved, path)
-    return path
+    return write_text(path, OmegaConf.to_yaml(resolved))

@@ -38,14 +38,26 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from pinet_lightning.cli.config import instantiate_group, missing_keys, run_hydra
+from pinet_lightning.cli.config import (
+    check_trainer_settings,
+    instantiate_group,
+    missing_keys,
+    run_hydra,
+)
 from pinet_lightning.cli.ddp import ddp_job_scope, install_launcher, register_job
 from pinet_lightning.cli.objective import LastValidationStep, sweep_objective
-from pinet_lightning.cli.run import resolve_ckpt_path, start_run, write_metrics
+from pinet_lightning.cli.run import (
+    resolve_ckpt_path,
+    resume_command,
+    start_run,
+    stopped_runs_fail,
+    write_metrics,
+)
 from pinet_lightning.cli.tables import format_metrics, print_metric_table
 from pinet_lightning.core.config import to_plain
 from pinet_lightning.core.files import load_file
 from pinet_lightning.training.callbacks import LastCheckpoint, RunOutput
+from pinet_lightning.training.checkpoint_io import use_atomic_checkpoints
 
 __all__ = ["main", "train", "train_task", "reported_checkpoint"]
 
@@ -108,8 +120,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     safe_load = not cfg.get("trust_checkpoint", False)
 
     metrics: dict[str, Any] = {}
+    testing = cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None)
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=safe_load)
+        if hasattr(datamodule, "check_split"):  # bad val / test files stop the run now,
+            for split in ("val", "test") if testing else ("val",):  # not after the training
+                datamodule.check_split(split)
+        with stopped_runs_fail("pinet-train", resume_command(out_dir)):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path,
+                        weights_only=safe_load)
         metrics.update(format_metrics(trainer.callback_metrics))
     # read before testing: trainer.test(ckpt_path=...) restores the callbacks' older state
     progress = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
@@ -129,11 +147,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         output.enabled, output.checkpoint = not keep_outputs, best
 
     tested = False
-    if cfg.get("test", True) and getattr(datamodule, "test_annotation_file", None):
+    if testing:
         if best is None and trainer.is_global_zero:
             log.warning("no checkpoint to report: testing the current weights")
-        for res in trainer.test(model, datamodule=datamodule, ckpt_path=best,
-                                weights_only=safe_load):
+        # trained, not yet tested: run again (resume=auto) to test without training more
+        with stopped_runs_fail("pinet-train", resume_command(out_dir)):
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best,
+                                   weights_only=safe_load)
+        for res in results:
             metrics.update(format_metrics(res))
         tested = best is not None
     if not trainer.is_global_zero:
@@ -173,6 +194,7 @@ def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
     and loggers; registers the job for DDP children and logs the config."""
 
     _wandb_offline(cfg)
+    check_trainer_settings(cfg.trainer)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -183,6 +205,7 @@ def _build(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None
                                                                  LastValidationStep()],
                                       logger=loggers or False, _convert_="all")
     install_launcher(trainer)
+    use_atomic_checkpoints(trainer)  # a full disk never leaves a cut-short checkpoint
     register_job("pinet_lightning.cli.train:train", out_dir / "config.yaml",
                  [f"ckpt_path={ckpt_path if ckpt_path else 'null'}", "resume=never"])
     if loggers and trainer.is_global_zero:

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AnnotationError", "ValidationReport", "validate_coco_keypoints", "load_json",
-           "number_rows"]
+__all__ = ["AnnotationError", "KeypointCountError", "ValidationReport",
+           "validate_coco_keypoints", "load_json", "number_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ _said: set[tuple[str, str]] = set()  # notices already logged (evaluation runs e
 
 class AnnotationError(ValueError):
     """An annotation file that cannot be used as it is (the message names file, ids and fix)."""
+
+
+class KeypointCountError(AnnotationError):
+    """The file's keypoint count is not the layout's (``found`` vs ``expected``): a caller
+    that knows which setting chose the layout can word its own fix."""
+
+    def __init__(self, message: str, source: str, found: int, expected: int) -> None:
+        super().__init__(message)
+        self.source, self.found, self.expected = source, found, expected
 
 
 @dataclass
@@ -396,10 +405,10 @@ def _expected_keypoints(person: dict, kp_values: list, num_keypoints: int | None
         common = kp_len[(kp_len > 0) & (kp_len % 3 == 0)] // 3
         said = ", ".join(f"{c} ({cnt} annotations)" for c, cnt in
                          Counter(common.tolist()).most_common(3))
-        raise AnnotationError(
+        raise KeypointCountError(
             f"{source}: the file has {k_file} keypoints (person category list; annotations: "
-            f"{said or 'none'}) but {num_keypoints} are expected. {count_hint}".rstrip()
-        )
+            f"{said or 'none'}) but {num_keypoints} are expected. {count_hint}".rstrip(),
+            str(source), int(k_file), int(num_keypoints))
     return num_keypoints if num_keypoints is not None else k_file
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_file", "clean_state_dict", "WRAPPER_PREFIXES"]
+__all__ = ["CheckpointError", "UntrustedCheckpointError", "load_file", "clean_state_dict",
+           "WRAPPER_PREFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,16 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be (safely) loaded; the message names the file and the fix."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint refused because it holds Python objects (``path``); the way to trust it
+    depends on the caller (the API's ``trust_checkpoint=True``, the Hydra commands'
+    ``trust_checkpoint=true``, ``pinet-convert --trust-checkpoint``)."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def load_file(path: str | Path, trust_checkpoint: bool = False) -> Any:
@@ -51,10 +62,11 @@ def load_file(path: str | Path, trust_checkpoint: bool = False) -> Any:
                                   "(unreadable pickle data); re-download or re-save it"
                                   ) from None
         if not trust_checkpoint:
-            raise CheckpointError(
+            raise UntrustedCheckpointError(
                 f"checkpoint '{path}' holds Python objects, and loading them can run code. "
                 "It was refused. Only if you trust where it comes from, pass "
-                "trust_checkpoint=True (CLI: trust_checkpoint=true)") from None
+                "trust_checkpoint=True (pinet-train / pinet-eval / pinet-predict: "
+                "trust_checkpoint=true)", path) from None
     except Exception as err:  # truncated zip, wrong magic number, empty file, ...
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file "
                               f"({type(err).__name__}: {err}); re-download or re-save it"

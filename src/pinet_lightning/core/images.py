@@ -1,8 +1,13 @@
 """Image files and image geometry shared by training and inference.
 
-- Reading: :func:`read_image` (RGB uint8, EXIF orientation ignored: annotations use the
-  stored pixels), with the start-up check of every training / evaluation image
-  (:func:`check_image_files`: missing files, folders, truncated JPEGs).
+- Reading: :func:`read_image` (RGB uint8), with the start-up check of every training /
+  evaluation image (:func:`check_image_files`: missing, empty (0 bytes), folders, truncated
+  JPEGs). EXIF orientation (a phone photo stored sideways with an ``Orientation`` tag): the
+  datasets read the stored pixels, as COCO-format annotations are made on them (the image
+  records' width and height are the stored ones, and the published PINet reads its training
+  and test images with ``IMREAD_IGNORE_ORIENTATION``); inference on a file
+  (``read_image(path, orientation=True)``: the Predictor, ``pinet-predict``) reads the
+  displayed image, so that the keypoints are in the frame the user sees.
 - Resizing, with the pixel-center convention (pixel ``(i, j)`` has coordinate ``(i, j)``, so
   a resize by ``s`` maps ``x -> (x + 0.5) s - 0.5``, what ``cv2.resize`` does):
   :func:`inference_resize` (algorithm.md 5.1, our convention's network input) and
@@ -24,18 +29,26 @@ __all__ = ["read_image", "image_file_problem", "check_image_files", "check_image
 log = logging.getLogger(__name__)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); EXIF orientation ignored (annotations use the stored pixels).
+def read_image(path: str | Path, orientation: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3).
 
-    A folder, a missing file, a truncated JPEG (OpenCV would fill the missing part with gray
-    and only print a warning) and an undecodable file are errors naming the file.
+    ``orientation``: False (training and evaluation data) ignores the EXIF orientation: the
+    stored pixels, which COCO-format annotations refer to; True (inference) applies it: the
+    image as a viewer displays it (rotated / mirrored as its ``Orientation`` tag says).
+
+    A folder, a missing or empty file, a truncated JPEG (OpenCV would fill the missing part
+    with gray and only print a warning) and an undecodable file are errors naming the file.
     """
     path = Path(path)
     problem = image_file_problem(path, full=True)
     if problem is not None:
         raise _image_error(path, problem)
     data = np.frombuffer(path.read_bytes(), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_COLOR if orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        image = cv2.imdecode(data, flags)
+    except cv2.error:  # OpenCV asserts on some damaged files instead of returning None
+        image = None
     if image is None or image.size == 0:
         raise OSError(f"cannot decode image {path}: the file is corrupt or not an image; "
                       "replace it or remove it from the annotation file")
@@ -47,6 +60,9 @@ def _image_error(path: Path, problem: str) -> OSError:
         return FileNotFoundError(f"image {path} does not exist; check the images folder")
     if problem == "folder":
         return IsADirectoryError(f"image {path} is a folder, not an image file")
+    if problem == "empty":
+        return OSError(f"image {path} is empty (0 bytes): an interrupted download or copy? "
+                       "replace it, or set data.skip_invalid=true to skip it")
     return OSError(f"image {path} is a truncated JPEG ({problem}): the file was cut short "
                    "(an interrupted download or copy?); replace it, or set "
                    "data.skip_invalid=true to skip it")
@@ -85,13 +101,16 @@ def _jpeg_truncation(data: bytes) -> str | None:
 
 
 def image_file_problem(path: Path, full: bool = False) -> str | None:
-    """``"missing"``, ``"folder"``, why a JPEG is truncated, or None when the file looks
-    whole. ``full=False`` (the start-up check of every image) reads the first and last bytes,
-    and the whole file only when these do not end the image."""
+    """``"missing"``, ``"folder"``, ``"empty"`` (0 bytes), why a JPEG is truncated, or None
+    when the file looks whole. ``full=False`` (the start-up check of every image) reads the
+    first and last bytes, and the whole file only when these do not end the image."""
     if not path.is_file():
         return "folder" if path.is_dir() else "missing"
     with open(path, "rb") as f:
-        if f.read(2) != b"\xff\xd8":
+        head = f.read(2)
+        if not head:
+            return "empty"
+        if head != b"\xff\xd8":
             return None  # not a JPEG: the decoder finds other damage
         if not full:
             f.seek(0, 2)
@@ -110,7 +129,8 @@ def check_image_files(images_dir: Path, records: list[dict], source: str | Path,
     for info in records:
         problem = image_file_problem(images_dir / info["file_name"])
         if problem is not None:
-            kind = problem if problem in ("missing", "folder") else "truncated JPEG"
+            kind = {"missing": "missing", "folder": "folder",
+                    "empty": "empty file (0 bytes)"}.get(problem, "truncated JPEG")
             found.setdefault(kind, []).append((info["id"], info["file_name"]))
     if not found:
         return set()

@@ -153,14 +153,18 @@ class PINetDataModule(pl.LightningDataModule):
             "val": _split_entry(val, "val"),
             "test": _split_entry(test, "test"),
         }
+        self._synthetic_splits: dict[str, str] = {}  # split -> the synthetic set it reads
         if self.synthetic is not None:
             root = Path(str(self.synthetic["root"]))
             for split in ("train", "val"):
                 if self.splits[split] is None:
                     out = root / split
                     self.splits[split] = (out / "images", out / "annotations.json")
+                    self._synthetic_splits[split] = split
             if self.splits["test"] is None:
                 self.splits["test"] = self.splits["val"]
+                if "val" in self._synthetic_splits:
+                    self._synthetic_splits["test"] = "val"
         self.train_dataset: CocoKeypointDataset | None = None
         self.val_dataset: CocoKeypointDataset | None = None
         self.test_dataset: CocoKeypointDataset | None = None
@@ -229,9 +233,51 @@ class PINetDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split} data configured: set data.{split}.images/annotations "
                              "or data.synthetic")
         make = instantiate(self.dataset, _convert_="all")
-        return make(entry[0], entry[1], codec=self.codec, train=train,
-                    augmentation=self.augmentation, **self.people,
-                    skip_invalid=self.skip_invalid)
+        dataset = make(entry[0], entry[1], codec=self.codec, train=train,
+                       augmentation=self.augmentation, **self.people,
+                       skip_invalid=self.skip_invalid)
+        if len(dataset) == 0:  # training would stop in the sampler, evaluation report nothing
+            raise ValueError(self._empty_split_message(split, dataset))
+        return dataset
+
+    def _empty_split_message(self, split: str, dataset: CocoKeypointDataset) -> str:
+        """Why a split has no image to use, and the setting that fixes it."""
+        data = dataset.coco.dataset
+        images, people = len(data.get("images", [])), len(data.get("annotations", []))
+        found = f"it lists {images} images and {people} person annotations"
+        if images and self.skip_invalid:
+            found += " (after data.skip_invalid dropped the invalid ones, logged above)"
+        if split == "train":
+            rule = ("an image with at least one annotation" if
+                    self.people["min_image_keypoints"] is None else
+                    f"an image whose annotations label more than "
+                    f"{self.people['min_image_keypoints']} keypoints "
+                    "(data.people.min_image_keypoints)")
+            problem = f"no image to train on (training needs {rule})"
+            fix = ("point data.train.annotations at a COCO keypoint file with annotated "
+                   "people (and data.train.images at its images)")
+        else:
+            stage = "validation" if split == "val" else "the test"
+            problem = f"no image to evaluate, so {stage} would report no metric"
+            fix = (f"point data.{split}.annotations at a COCO keypoint file with images (and "
+                   f"data.{split}.images at their folder)")
+            if split == "test":
+                fix += "; with pinet-train, test=false skips the test"
+        synthetic = self._synthetic_splits.get(split)
+        if synthetic is not None:
+            fix = f"set data.synthetic.num_{synthetic} to 1 or more"
+        return f"data.{split}: {dataset.annotation_file} has {problem}: {found}. Fix: {fix}"
+
+    def check_split(self, split: str) -> None:
+        """Build ``split``'s dataset now (its files read and validated, kept for later) unless
+        the split is not configured or comes from the synthetic generator (``prepare_data``
+        writes those during ``fit``). ``pinet-train`` checks the test split before training,
+        so that a missing or empty test file stops the run before the training, not after."""
+        if self.splits.get(split) is None or split in self._synthetic_splits:
+            return
+        attribute = f"{split}_dataset"
+        if getattr(self, attribute) is None:
+            setattr(self, attribute, self._dataset(split, train=split == "train"))
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:

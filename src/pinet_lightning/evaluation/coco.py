@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from pinet_lightning.core.annotations import (
     number_rows,
     validate_coco_keypoints,
 )
+from pinet_lightning.core.atomic import write_json
 from pinet_lightning.core.layouts import get_layout
 
 __all__ = ["evaluate_keypoints", "to_coco_results", "metric_names", "PROTOCOLS",
@@ -266,6 +266,9 @@ def evaluate_keypoints(
     proto = _check_protocol(protocol)
     keys = metric_names(proto)
     gt, report = _load_gt(gt_json, skip_invalid)
+    if not gt["images"]:  # every metric would be a silent 0 (or -1)
+        raise ValueError(f"evaluation: the ground truth {report.source} has no images (left): "
+                         "nothing to evaluate; use an annotation file with images")
     if image_ids is not None:
         keep = {int(i) for i in image_ids}
         gt["images"] = [img for img in gt["images"] if img["id"] in keep]
@@ -295,13 +298,11 @@ def evaluate_keypoints(
         results_for_file = []
         metrics = dict.fromkeys(keys, 0.0)
 
-    if results_path is not None:
+    if results_path is not None:  # whole files or none (a full disk names the path)
         path = Path(results_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results_for_file, f)
-        with open(path.with_name(path.stem + "_metrics.json"), "w") as f:
-            json.dump({"protocol": proto, **metrics}, f, indent=2)
+        write_json(path, results_for_file)
+        write_json(path.with_name(path.stem + "_metrics.json"), {"protocol": proto, **metrics},
+                   indent=2)
     return metrics
 
 

@@ -41,8 +41,12 @@ class Person:
     score: float
 
 
-# One image reader for training data and inference (EXIF orientation ignored, RGB uint8).
-load_image = read_image
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3) the way a viewer shows it: turned as its EXIF
+    orientation says (a phone photo stored sideways), so that the keypoints are in the frame
+    the user sees. Training reads the stored pixels instead (see
+    :mod:`pinet_lightning.core.images`)."""
+    return read_image(path, orientation=True)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pinet_lightning.core.atomic import write_bytes
 from pinet_lightning.core.layouts import Layout, get_layout
 
 __all__ = ["person_colors", "draw_poses", "make_grid", "save_image", "to_hwc_uint8"]
@@ -150,12 +151,17 @@ def make_grid(images: Sequence[Any], columns: int | None = None, cell_size: int 
 
 
 def save_image(path: str | Path, image: Any) -> Path:
-    """Write an RGB image (png / jpg by the suffix)."""
+    """Write an RGB image (png / jpg by the suffix), whole or not at all
+    (:mod:`pinet_lightning.core.atomic`: an error names the path)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(to_hwc_uint8(image), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path} (unknown suffix or no access)")
-    return path
+    try:
+        ok, encoded = cv2.imencode(path.suffix or ".png",
+                                   cv2.cvtColor(to_hwc_uint8(image), cv2.COLOR_RGB2BGR))
+    except cv2.error:  # an extension OpenCV has no encoder for
+        ok = False
+    if not ok:
+        raise OSError(f"could not encode {path}: unknown image suffix '{path.suffix}'")
+    return write_bytes(path, encoded.tobytes())
 
 
 # ---------------------------------------------------------------- learning curve

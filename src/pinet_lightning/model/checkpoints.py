@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.core.atomic import save_torch
 from pinet_lightning.core.files import CheckpointError, clean_state_dict, load_file
 from pinet_lightning.model.network import PINet
 from pinet_lightning.model.published import (
@@ -50,12 +51,20 @@ def _unwrap(model: nn.Module) -> PINet:
 
 
 def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
-    """Save the state dict, the constructor config and ``extra`` in one torch file."""
+    """Save the state dict, the constructor config and ``extra`` in one torch file, written
+    atomically (:mod:`pinet_lightning.core.atomic`: a failed write leaves the previous file).
+
+    Raises:
+        ValueError: a weight or batch-norm statistic is NaN or infinite (a diverged network
+            is never written as a model); OSError: the write failed (naming ``path``).
+    """
     net = _unwrap(model)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "version": 1, "config": net.config, "state_dict": state,
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"save_model: refusing to write {path}: {len(bad)} tensors hold NaN "
+                         f"or infinite values (e.g. {bad[:3]}): the network diverged")
+    save_torch({"format": FORMAT, "version": 1, "config": net.config, "state_dict": state,
                 "extra": extra or {}}, path)
 
 

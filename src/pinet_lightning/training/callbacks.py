@@ -11,9 +11,11 @@ monitored metric does (Lightning's ``ModelCheckpoint(save_last=True)`` only rewr
 a top-k checkpoint is saved in the same step, so a flat ``val/AP`` froze it at the best
 epoch), at the end of training (``max_steps`` may stop mid-epoch), and when the run is
 interrupted: Ctrl-C (``KeyboardInterrupt``) or SIGTERM (Lightning's ``SIGTERMException``,
-e.g. a preempted SLURM job), and, on a single device, any other error. It never writes on a
-:class:`~pinet_lightning.training.module.NonFiniteLossError` (the weights have diverged: the file
-keeps the last finished epoch) nor when no step was taken since the last write. A resumed
+e.g. a preempted SLURM job), and, on a single device, any other error. It never writes
+diverged weights (a :class:`~pinet_lightning.training.module.DivergenceError`, or one found by the
+module's ``check_divergence`` before an interrupt or end-of-training write: the file keeps
+the last epoch that ended finite) nor when no step was taken since the last write. Writes
+are atomic (:mod:`pinet_lightning.training.checkpoint_io`). A resumed
 run (``ckpt_path=last``) starts at the step the file holds; Lightning resumes a mid-epoch
 file at its step, restarting the data order of that epoch.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,7 +46,8 @@ from pinet_lightning.inference.visualize import (
     save_image,
 )
 from pinet_lightning.model.checkpoints import save_model
-from pinet_lightning.training.module import NonFiniteLossError
+from pinet_lightning.training.checkpoint_io import use_atomic_checkpoints
+from pinet_lightning.training.module import DivergenceError
 
 __all__ = ["LastCheckpoint", "LearningCurve", "EpochProgress", "progress_line", "RunOutput",
            "ModelExport", "PredictionFigure", "prediction_figure"]
@@ -88,19 +90,27 @@ class LastCheckpoint(Checkpoint):
                 and trainer.global_step > 0)
 
     def save(self, trainer: pl.Trainer) -> None:
-        """Write the file atomically (a kill during the write leaves the previous one)."""
+        """Write the file atomically (a kill or a full disk during the write leaves the
+        previous one: :class:`~pinet_lightning.training.checkpoint_io.AtomicCheckpointIO`)."""
         # Epoch metrics logged with sync_dist are reduced lazily, on first read: rank 0's
         # progress bar has read them already, the other ranks have not. Reading them here on
         # every rank (as ModelCheckpoint does) keeps the collectives in the same order on all
         # ranks before the barrier of save_checkpoint; without it DDP deadlocks.
         _ = trainer.callback_metrics
-        if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".{self.filename}.ckpt.part"
-        trainer.save_checkpoint(tmp, weights_only=False)  # rank 0 writes; all wait
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        use_atomic_checkpoints(trainer)
+        trainer.save_checkpoint(self.path, weights_only=False)  # rank 0 writes; all wait
         self._saved_step = int(trainer.global_step)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        use_atomic_checkpoints(trainer)  # the best-val/AP checkpoints too
+
+    @staticmethod
+    def _check(pl_module: pl.LightningModule) -> None:
+        """The module's divergence check, when it has one (PINetModule): the weights of the
+        steps since its last check are about to be written."""
+        check = getattr(pl_module, "check_divergence", None)
+        if check is not None:
+            check()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed run already has its starting step on disk
@@ -113,16 +123,18 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._should_save(trainer):
+            self._check(pl_module)  # a DivergenceError stops the run: nothing written
             self.save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLossError) or not self._should_save(trainer):
+        if isinstance(exception, DivergenceError) or not self._should_save(trainer):
             return
         interrupt = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
         if not interrupt and not (self.on_error and trainer.world_size == 1):
             return
         try:
+            self._check(pl_module)
             self.save(trainer)
         except Exception as err:  # never hide the original error
             log.warning("could not write %s after %s: %s", self.path,

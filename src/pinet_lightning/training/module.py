@@ -9,10 +9,15 @@ Gotchas (read before changing):
   and instantiated in :meth:`configure_optimizers`.
   ``network.pretrained`` is written as ``None`` into checkpoints: the weights are in the
   state dict and the ImageNet file may not exist where the checkpoint is loaded.
-- Divergence: each step ORs a "loss not finite" flag per loss term on the device; the flag is
-  read (one host sync) every ``finite_check_every`` steps (default: every step on the CPU,
-  100 on an accelerator), at each epoch end and before validation, summed over DDP ranks,
-  and a :class:`NonFiniteLossError` stops the run naming the steps and loss terms.
+- Divergence: each step ORs a "loss not finite" flag per loss term on the device and keeps
+  the step losses' maximum there; every ``finite_check_every`` steps (default: every step on
+  the CPU, 100 on an accelerator), at each epoch end and before validation the flags, a
+  "weights not finite" flag (every parameter and batch-norm buffer) and a "loss exploded"
+  flag (the maximum over ``explosion_factor`` times the mean loss of the run's first epoch)
+  are read in one host sync, summed over DDP ranks, and a :class:`DivergenceError`
+  (:class:`NonFiniteLossError` for the loss) stops the run naming the steps and the cause.
+  The epoch-end check runs before ``last.ckpt`` is written (checkpoint callbacks run after
+  the module's ``on_train_epoch_end``), so no checkpoint holds diverged weights.
 - Training losses are logged twice: ``train/<name>`` on every step without a DDP sync, and
   ``train/<name>_epoch`` on the epoch with ``sync_dist=True``. Lightning's ``sync_dist``
   applies to step values too (one all-reduce per step), which is why there are two calls.
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,8 +75,8 @@ from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
 from pinet_lightning.model.network import PINet
 from pinet_lightning.training.losses import PINetLoss
 
-__all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch",
-           "check_same_frame"]
+__all__ = ["PINetModule", "DivergenceError", "NonFiniteLossError", "merge_gathered_results",
+           "resolve_switch", "check_same_frame"]
 
 
 def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -90,8 +96,18 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {"_target_": "torch.optim.lr_scheduler.Mult
                                       "_partial_": True, "milestones": [200, 260], "gamma": 0.1}
 
 
-class NonFiniteLossError(FloatingPointError):
+class DivergenceError(FloatingPointError):
+    """Training diverged: the loss or the weights (parameters, batch-norm statistics) became
+    NaN or infinite, or the loss exploded (the message says which, where and what to do)."""
+
+
+class NonFiniteLossError(DivergenceError):
     """The training loss became NaN or infinite: the run diverged (the message says where)."""
+
+
+_DIVERGED_FIX = ("Lower model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check "
+                 "the data; checkpoints/last.ckpt, if an epoch finished, keeps the weights of "
+                 "the last epoch that ended finite (it is not overwritten with these)")
 
 
 def _merge(name: str, defaults: Mapping[str, Any], given: Any, strict: bool = True
@@ -156,10 +172,14 @@ class PINetModule(pl.LightningModule):
         channels_last, compile: "auto" (on CUDA only), True or False.
         eval_protocol, val_annotation_file, test_annotation_file: overrides of the
             datamodule's ``protocol`` / annotation files for evaluation.
-        finite_check_every: steps between checks that the training loss is finite (a
-            :class:`NonFiniteLossError` stops the run); None: every step on the CPU, every
-            100 steps on an accelerator, where a check is a host-device sync (the flag
-            stays on the device in between). Also checked at each epoch end.
+        finite_check_every: steps between checks that the training loss and the weights
+            are finite and the loss has not exploded (a :class:`DivergenceError` stops the
+            run); None: every step on the CPU, every 100 steps on an accelerator, where a
+            check is a host-device sync (the flags stay on the device in between). Also
+            checked at each epoch end.
+        explosion_factor: the run stops when a training loss exceeds this times the mean
+            loss of the run's first epoch (checked from the second epoch on; None: never).
+            A loss a million times its start has diverged even while it is finite.
         net: an already built :class:`PINet` to use (e.g. a loaded checkpoint's); its config
             then replaces ``network`` (the codec must have its layout and convention).
     """
@@ -178,6 +198,7 @@ class PINetModule(pl.LightningModule):
         val_annotation_file: str | None = None,
         test_annotation_file: str | None = None,
         finite_check_every: int | None = None,
+        explosion_factor: float | None = 1e6,
         net: PINet | None = None,
     ) -> None:
         super().__init__()
@@ -221,9 +242,20 @@ class PINetModule(pl.LightningModule):
             raise ValueError(f"finite_check_every must be >= 1 or null, got "
                              f"{finite_check_every}")
         self.finite_check_every = None if finite_check_every is None else int(finite_check_every)
+        if explosion_factor is not None and not float(explosion_factor) > 1:
+            raise ValueError(f"explosion_factor must be > 1 or null, got {explosion_factor}")
+        self.explosion_factor = None if explosion_factor is None else float(explosion_factor)
         self._nonfinite: Tensor | None = None  # per loss term: seen non-finite since the check
+        self._peak: Tensor | None = None  # the largest step loss since the check (device)
         self._unchecked_from: int | None = None  # first step not yet checked
+        self._last_step: int | None = None  # the last step trained
+        self._updated_since_check = False  # an optimizer step since the weights were checked
         self._loss_keys: list[str] = []
+        # the mean loss of the run's first epoch (the explosion rule's reference): summed on
+        # the device during that epoch, read once at its end, carried in the checkpoints
+        self._first_epoch_sum: Tensor | None = None
+        self._first_epoch_steps = 0
+        self.loss_reference: float | None = None
 
     # ------------------------------------------------------------------ setup
     def _target_device(self) -> torch.device:
@@ -286,46 +318,104 @@ class PINetModule(pl.LightningModule):
         return 1 if self.device.type == "cpu" else 100
 
     def _track_finite(self, losses: Mapping[str, Tensor]) -> None:
-        """Accumulate an on-device "non-finite" flag per loss term; check it every
-        :meth:`_check_interval` steps (at the last, before that step's optimizer update)."""
+        """Accumulate an on-device "non-finite" flag per loss term and the largest loss;
+        check them every :meth:`_check_interval` steps (at the last, before that step's
+        optimizer update)."""
         self._loss_keys = list(losses)
         flags = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()])
         self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+        loss = losses["loss"].detach().float()
+        self._peak = loss if self._peak is None else torch.maximum(self._peak, loss)
+        if self.loss_reference is None:  # the first epoch: its mean becomes the reference
+            self._first_epoch_sum = (loss if self._first_epoch_sum is None
+                                     else self._first_epoch_sum + loss)
+            self._first_epoch_steps += 1
+        self._last_step = int(self.global_step)
         if self._unchecked_from is None:
             self._unchecked_from = int(self.global_step)
         if int(self.global_step) + 1 - self._unchecked_from >= self._check_interval():
             self._check_finite()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # this step's optimizer update came after its check: the next check covers it
+        self._updated_since_check = True
+
+    def _weights_not_finite(self) -> Tensor:
+        """On the device: whether a parameter or floating buffer (batch-norm statistics)
+        holds a NaN or an infinity (no host sync)."""
+        flags = [~torch.isfinite(t).all() for t in (*self.net.parameters(), *self.net.buffers())
+                 if t.is_floating_point()]
+        return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
+
+    def _exploded_by(self, peak: Tensor | None, device: torch.device) -> Tensor:
+        """On the device, (1,): whether ``peak``, the largest loss since the check, exceeds
+        ``explosion_factor`` x the first epoch's mean."""
+        if self.explosion_factor is None or self.loss_reference is None or peak is None:
+            return torch.zeros(1, dtype=torch.bool, device=device)
+        return (peak > self.explosion_factor * self.loss_reference).reshape(1).to(device)
+
+    def check_divergence(self) -> None:
+        """Raise :class:`DivergenceError` when, since the last check, a training loss was NaN
+        or infinite (:class:`NonFiniteLossError`), a weight or batch-norm statistic became NaN
+        or infinite, or a loss exceeded ``explosion_factor`` x the first epoch's mean. One
+        host sync; the flags are summed over DDP ranks, so every rank raises alike. Nothing
+        to do (no sync) when no step was trained since the last check."""
+        self._check_finite()
+
     def _check_finite(self) -> None:
-        """Raise :class:`NonFiniteLossError` when a step since the last check had a
-        non-finite loss (on every rank: the flags are summed over ranks)."""
-        if self._nonfinite is None:
+        if self._nonfinite is None and not self._updated_since_check:
             return
-        flags, first = self._nonfinite, self._unchecked_from
-        self._nonfinite, self._unchecked_from = None, None
+        weights = self._weights_not_finite()
+        loss_flags, first, peak = self._nonfinite, self._unchecked_from, self._peak
+        if loss_flags is None:  # only the weights changed since the last check
+            loss_flags = torch.zeros(len(self._loss_keys), dtype=torch.bool,
+                                     device=weights.device)
+        self._nonfinite, self._unchecked_from, self._peak = None, None, None
+        self._updated_since_check = False
+        device = loss_flags.device
+        flags = torch.cat([loss_flags, weights.to(device)[None], self._exploded_by(peak, device)])
         trainer = self._trainer  # None: a step run by hand (scripts/bench_train.py)
         if trainer is not None and trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags.float(), reduce_op="sum")
         bad = flags.detach().cpu().numpy() > 0  # the one host sync of the window
         if not bad.any():
             return
-        terms = ", ".join(n for n, b in zip(self._loss_keys, bad, strict=True) if b)
-        last = int(self.global_step)
-        where = f"at step {last}" if first == last else f"between steps {first} and {last}"
-        raise NonFiniteLossError(
-            f"the training loss became NaN or infinite ({terms}) {where} (epoch "
-            f"{self.current_epoch}): training diverged and was stopped. Lower "
-            "model.optimizer.lr, set trainer.gradient_clip_val (e.g. 1.0), or check the data; "
-            "checkpoints/last.ckpt, if an epoch finished, keeps its weights (it is not "
-            "overwritten with these)"
-        )
+        last = int(self.global_step) if self._last_step is None else self._last_step
+        where = (f"after step {last}" if first is None else f"at step {last}" if first == last
+                 else f"between steps {first} and {last}") + f" (epoch {self.current_epoch})"
+        terms = [n for n, b in zip(self._loss_keys, bad[:-2], strict=True) if b]
+        if terms:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite ({', '.join(terms)}) {where}: "
+                f"training diverged and was stopped. {_DIVERGED_FIX}")
+        if bad[-2]:
+            names = [name for name, t in (*self.net.named_parameters(),
+                                          *self.net.named_buffers())
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            shown = ", ".join(f"net.{n}" for n in names[:3]) or "on another rank"
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise DivergenceError(
+                f"the weights became NaN or infinite {where} ({shown}{more}) while the loss "
+                f"stayed finite: training diverged and was stopped. {_DIVERGED_FIX}")
+        top = float(peak.max()) if peak is not None else float("nan")
+        raise DivergenceError(
+            f"the training loss exploded {where}: it reached {top:.3g}, over "
+            f"{self.explosion_factor:g} x the mean loss of the run's first epoch "
+            f"({self.loss_reference:.3g}; model.explosion_factor sets the factor, null turns "
+            f"the rule off): training diverged and was stopped. {_DIVERGED_FIX}")
 
     def on_train_epoch_end(self) -> None:
-        if self._nonfinite is not None and self.trainer.world_size > 1:
+        if ((self._nonfinite is not None or self._updated_since_check)
+                and self.trainer.world_size > 1):
             # rank 0's progress bar has already reduced the epoch metrics (lazily, on first
             # read); read them on every rank first so that the collectives pair up
             _ = self.trainer.callback_metrics
         self._check_finite()  # before the epoch's last.ckpt is written
+        if self.loss_reference is None and self._first_epoch_steps:
+            mean = float(self._first_epoch_sum) / self._first_epoch_steps  # once a run
+            if math.isfinite(mean) and mean > 0:
+                self.loss_reference = mean
+            self._first_epoch_sum, self._first_epoch_steps = None, 0
 
     def on_validation_epoch_start(self) -> None:
         self._check_finite()  # during fit: do not evaluate diverged weights
@@ -418,7 +508,13 @@ class PINetModule(pl.LightningModule):
                      prog_bar=key == "AP")
 
     # ------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        reference = checkpoint.get("loss_reference")  # a resumed run keeps its explosion rule
+        if reference is not None:
+            self.loss_reference = float(reference)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["loss_reference"] = self.loss_reference
         # The weights travel in the state dict: do not require the ImageNet file on reload.
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if isinstance(hparams, Mapping) and isinstance(hparams.get("network"), Mapping):
