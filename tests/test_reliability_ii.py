@@ -559,7 +559,7 @@ def test_a_full_disk_never_leaves_a_cut_short_checkpoint(tmp_path, monkeypatch):
 def test_the_lightning_leafspec_warning_is_filtered_narrowly():
     from pytorch_lightning.utilities._pytree import _tree_flatten
 
-    from pinet_lightning.cli.config import quiet_third_party_warnings
+    from pinet_lightning.cli.warning_filters import quiet_third_party_warnings
 
     text = "`isinstance(treespec, LeafSpec)` is deprecated, use something else"
     with warnings.catch_warnings(record=True) as seen:

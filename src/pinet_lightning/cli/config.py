@@ -8,7 +8,6 @@ import logging
 import sys
 import types
 import typing
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
 import pinet_lightning.conf
 from pinet_lightning.cli.cluster import missing_plugins
 from pinet_lightning.cli.run import external_rank
+from pinet_lightning.cli.warning_filters import quiet_third_party_warnings
 
 __all__ = ["config_dir", "run_hydra", "missing_keys", "instantiate_group", "moved_settings",
-           "MOVED_SETTINGS", "check_trainer_settings", "quiet_third_party_warnings",
-           "QUIET_WARNINGS"]
+           "MOVED_SETTINGS", "check_trainer_settings"]
 
 # Settings that moved (an override of the old name would be Hydra's "not in struct"): the
 # codec owns the frame and the targets, the scheduler the learning-rate schedule.
@@ -43,22 +42,6 @@ MOVED_SETTINGS: dict[str, str] = {
     "model.optimizer.milestones": "model.scheduler.milestones",
     "model.optimizer.gamma": "model.scheduler.gamma",
 }
-
-# Warnings raised inside third-party code that a user of the commands cannot act on, each
-# matched by the module that raises it, its category AND its message, so that nothing else
-# is hidden (ours never: no entry names a pinet_lightning module).
-QUIET_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
-    # Lightning 2.6 builds torch's LeafSpec, deprecated in torch 2.10+, on every batch transfer
-    (r"pytorch_lightning\.utilities\._pytree$", FutureWarning,
-     r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
-)
-
-
-def quiet_third_party_warnings() -> None:
-    """Ignore the :data:`QUIET_WARNINGS` (module, category and message must all match)."""
-    for module, category, message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
 
 def config_dir() -> Path:
     """The packaged ``conf/`` folder (``pinet_lightning.conf``), editable or installed."""

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from pinet_lightning.cli.config import quiet_third_party_warnings
+from pinet_lightning.cli.warning_filters import quiet_third_party_warnings
 
 __all__ = [
     "ChildJob",
