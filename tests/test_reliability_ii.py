@@ -23,9 +23,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from pinet_lightning import atomic
 from pinet_lightning.cli.config import check_trainer_settings, config_dir
 from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.core import atomic
 from pinet_lightning.core.images import read_image
 from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.data.datasets import CocoKeypointDataset
