@@ -283,7 +283,7 @@ def _ckpt(path: Path) -> dict:
 
 
 def test_reported_checkpoint_rule():
-    from pinet_lightning.cli.train import reported_checkpoint
+    from pinet_lightning.training.report import reported_checkpoint
 
     assert reported_checkpoint("last", "epoch_001.ckpt", "last.ckpt") == "last.ckpt"
     assert reported_checkpoint("best", "epoch_001.ckpt", "last.ckpt") == "epoch_001.ckpt"

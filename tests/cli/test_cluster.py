@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from pinet_lightning.cli import cluster, rank_zero_value
 from pinet_lightning.cli.cluster import launcher_problems
 from pinet_lightning.cli.config import config_dir
-from pinet_lightning.cli.objective import sweep_objective
+from pinet_lightning.training.report import sweep_objective
 
 # 8 images of 64 px, 2 training steps (1 epoch, validated), one thread
 TINY = [
