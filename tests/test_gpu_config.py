@@ -94,8 +94,9 @@ def test_bf16_channels_last_compiled_training_on_the_cpu(synthetic_crowd, tmp_pa
     trainer.fit(module, datamodule=dm)
 
     # compiled, and the compiled graph ran every step: one graph, no graph break
-    assert module._compiled and COUNTS.compiled == 1 and COUNTS.runs == STEPS, (
-        f"compiled {COUNTS.compiled} graphs, ran {COUNTS.runs} times in {STEPS} steps")
+    assert (COUNTS.compiled, COUNTS.runs) == (1, STEPS), (
+        f"torch.compile: {COUNTS.compiled} graph(s) compiled, run {COUNTS.runs} times in "
+        f"{STEPS} steps; expected 1 graph run at every step")
     assert not torch._dynamo.utils.counters["graph_break"], dict(
         torch._dynamo.utils.counters["graph_break"])
     assert module.net.heads.offset.weight.is_contiguous(memory_format=torch.channels_last)

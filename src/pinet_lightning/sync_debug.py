@@ -15,12 +15,18 @@ Counted (an event each):
   ``masked_select``, ``unique*``, ``bincount``, ``repeat_interleave`` with tensor repeats and
   no ``output_size``, indexing with (and ``index_put`` through) a boolean mask; copies from
   an accelerator to the host (seen on a GPU only);
-- with ``cpu_is_device=True`` (the CPU standing in for the GPU), at the Python level (a
-  ``TorchFunctionMode``): reads that copy device memory to the host on a GPU but are no-ops
-  on the CPU (``.cpu()``, ``.numpy()``, ``.tolist()``, ``np.asarray(tensor)``), and host data
-  placed on the tensor's device (``torch.tensor(data, device=...)``,
-  ``torch.as_tensor(data, device=...)``, ``t.new_tensor(data)``): a blocking host-to-device
-  copy, which PyTorch follows with a stream synchronize on CUDA.
+- at the Python level (a ``TorchFunctionMode``): ``.item()``, ``int()``, ``float()``,
+  ``bool()``, ``__index__`` of a tensor (under ``torch.inference_mode`` the CPU's
+  ``.item()`` never reaches the aten level), and host data placed on a device
+  (``torch.tensor(data, device=...)``, ``torch.as_tensor(data, device=...)``,
+  ``t.new_tensor(data)``): a blocking host-to-device copy, which PyTorch follows with a
+  stream synchronize on CUDA; with ``cpu_is_device=True`` (the default: the CPU standing in
+  for the GPU) also the reads that copy device memory to the host on a GPU but are no-ops on
+  the CPU (``.cpu()``, ``.numpy()``, ``.tolist()``, ``np.asarray(tensor)``).
+
+On the CPU every tensor counts as a device tensor (``cpu_is_device=True``), so
+``t.cpu().numpy()`` counts twice there and once on a GPU. On a GPU pass
+``cpu_is_device=False``: values read from host tensors are not syncs there.
 
     with SyncCounter() as syncs:
         loss = module.training_step(batch, 0)
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +66,9 @@ _VALUE_READS: dict[Any, str] = {
 _INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 _COPY_OPS = {aten._to_copy, aten.copy_}
 
+# Python-level value reads (the aten-level _local_scalar_dense they make is not counted again).
+_PY_VALUE_READS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                   torch.Tensor.__bool__, torch.Tensor.__index__}
 # Python-level reads that are no-ops on the CPU but device -> host copies on a GPU.
 _HOST_READS = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist,
                torch.Tensor.__array__}
@@ -134,59 +143,83 @@ class SyncEvent:
         return f"{self.op}: {self.reason}{during}\n    at {self.where}"
 
 
+def _on_device(args: Sequence[Any], cpu_is_device: bool) -> bool:
+    """Whether a tensor among ``args`` (one level of lists too) lives on the device."""
+    if cpu_is_device:
+        return True
+    for arg in args:
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(item, torch.Tensor) and item.device.type != "cpu":
+                return True
+    return False
+
+
 class _DispatchCounter(TorchDispatchMode):
-    def __init__(self, record: Callable[[str, str], None]) -> None:
+    def __init__(self, owner: SyncCounter) -> None:
         super().__init__()
-        self._record = record
+        self._owner = owner
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         reason = sync_reason(func, args, kwargs)
-        if reason is not None:
-            self._record(str(func), reason)
+        if reason is not None and _on_device(args, self._owner.cpu_is_device) and not (
+                self._owner._python_read and func.overloadpacket is aten._local_scalar_dense):
+            self._owner._record(str(func), reason)
         return func(*args, **kwargs)
 
 
 class _FunctionCounter(TorchFunctionMode):
-    def __init__(self, record: Callable[[str, str], None], cpu_is_device: bool) -> None:
+    def __init__(self, owner: SyncCounter) -> None:
         super().__init__()
-        self._record = record
-        self._cpu_is_device = cpu_is_device
+        self._owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        cpu_is_device = self._owner.cpu_is_device
         reason = None
-        if func in _HOST_READS and self._cpu_is_device:
-            if isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+        if func in _PY_VALUE_READS:
+            if _on_device(args[:1], cpu_is_device):
+                reason = "a tensor value read on the host (.item(), int(), bool(), if t:)"
+        elif func in _HOST_READS:
+            if cpu_is_device and isinstance(args[0], torch.Tensor) and (
+                    args[0].device.type == "cpu"):
                 reason = "a device -> host copy on a GPU (a no-op on the CPU)"
         elif func in _HOST_DATA:
             device = kwargs.get("device")
             data = args[0] if args else kwargs.get("data")
             if device is not None and not (isinstance(data, torch.Tensor)
                                            and data.device == torch.device(device)):
-                if torch.device(device).type != "cpu" or self._cpu_is_device:
+                if torch.device(device).type != "cpu" or cpu_is_device:
                     reason = "host data copied to the device (blocking: a stream sync on CUDA)"
         elif func is torch.Tensor.new_tensor:
-            if args[0].device.type != "cpu" or self._cpu_is_device:
+            if _on_device(args[:1], cpu_is_device):
                 reason = "host data copied to the device (blocking: a stream sync on CUDA)"
         if reason is not None:
-            self._record(getattr(func, "__qualname__", str(func)), reason)
-        return func(*args, **kwargs)
+            self._owner._record(getattr(func, "__qualname__", str(func)), reason)
+        if func not in _PY_VALUE_READS:
+            return func(*args, **kwargs)
+        self._owner._python_read += 1  # its _local_scalar_dense is this same sync
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._owner._python_read -= 1
 
 
 class SyncCounter:
     """Context manager recording every host-device sync of the block (see the module doc).
 
     Args:
-        cpu_is_device: also count, at the Python level, the host reads and host-to-device
-            copies that only a GPU turns into syncs (for runs on the CPU standing in for one).
-            On a GPU pass False: the aten level then sees the real device -> host copies.
+        cpu_is_device: count CPU tensors as device tensors, and the host reads that only a
+            GPU turns into syncs (runs on the CPU standing in for one). On a GPU pass False:
+            only ops on GPU tensors count, and the aten level sees the real device -> host
+            copies.
     """
 
     def __init__(self, cpu_is_device: bool = True) -> None:
         self.cpu_is_device = cpu_is_device
         self.events: list[SyncEvent] = []
         self._modes: list[Any] = []
+        self._python_read = 0
 
     def _record(self, op: str, reason: str) -> None:
         node = torch._C._current_autograd_node()
@@ -194,8 +227,7 @@ class SyncCounter:
                                      backward=type(node).__name__ if node is not None else None))
 
     def __enter__(self) -> SyncCounter:
-        self._modes = [_FunctionCounter(self._record, self.cpu_is_device),
-                       _DispatchCounter(self._record)]
+        self._modes = [_FunctionCounter(self), _DispatchCounter(self)]
         for mode in self._modes:
             mode.__enter__()
         return self
