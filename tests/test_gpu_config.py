@@ -119,10 +119,11 @@ def test_bf16_channels_last_compiled_training_on_the_cpu(synthetic_crowd, tmp_pa
         eager = module.net(x)
     assert COUNTS.runs == runs + 1 and COUNTS.compiled == 1  # the same graph, no recompile
     eager_fp32 = module.net(x)  # the fp32 reference
+    assert compiled["features"].dtype == torch.bfloat16
     for key, same in (("features", 0.05), ("heatmaps", 0.01), ("part_heatmaps", 0.01),
                       ("offsets", 0.01)):
         a, b, full = compiled[key].float(), eager[key].float(), eager_fp32[key]
-        assert compiled[key].dtype == eager[key].dtype == torch.bfloat16, key
+        assert compiled[key].dtype == eager[key].dtype, key  # bf16, the heads' float32
         # relative L2 errors (measured: features 2.2 % compiled vs eager, 4.5 % bf16 vs
         # fp32 for both; the heads 0.3 % and 0.6-0.9 %): the compiled graph rounds in
         # other places than eager (its decompositions), and is no further from fp32
@@ -132,4 +133,4 @@ def test_bf16_channels_last_compiled_training_on_the_cpu(synthetic_crowd, tmp_pa
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float(((a - b).norm() / b.norm()).detach())
