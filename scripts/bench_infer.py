@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,7 +95,7 @@ def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="hrnet_w32")
@@ -106,10 +108,15 @@ def main() -> None:
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (on the shared 2-core machine, 2 threads make the "
                              "many small decode ops wait on each other)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -148,7 +155,7 @@ def main() -> None:
                                  convention=net.convention, stride=net.output_stride)
             out["valid"].sum().item()  # the one sync before fusion
 
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():  # bf16 features need the refinement under autocast
         decoded = decode_outputs(outputs, net.layout, cfg, refine_fn=wrapped.refine,
                                  convention=net.convention, stride=net.output_stride)
     eye = torch.eye(2, 3, device=device).expand(args.batch_size, 2, 3)
@@ -178,6 +185,18 @@ def main() -> None:
     print(f"fusion (incl. the one host copy):   {1000 * t_fuse / b:8.2f} ms/image")
     print(f"end to end (resize..fusion):        {1000 * t_e2e / b:8.2f} ms/image")
     print(f"ratio end to end / forward:         {t_e2e / t_fwd:8.3f}  (GPU bar <= 1.3)")
+    if args.json:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        figures = {"device": name, "torch": torch.__version__, "backbone": args.backbone,
+                   "input": list(batch.shape[-2:]), "original": [h, w], "batch_size": b,
+                   "flip": cfg.flip_test, "bf16": args.bf16, "channels_last": args.channels_last,
+                   "proposals_per_image": proposals, "people_per_image": len(people[0]),
+                   "forward_ms_per_image": 1000 * t_fwd / b,
+                   "decode_refine_ms_per_image": 1000 * t_dec / b,
+                   "fusion_ms_per_image": 1000 * t_fuse / b,
+                   "end_to_end_ms_per_image": 1000 * t_e2e / b,
+                   "ratio_end_to_end_forward": t_e2e / t_fwd}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

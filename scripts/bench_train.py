@@ -21,6 +21,7 @@ The device is synchronized before and after each timed window (no sync inside it
     # bar on an H100: full >= 150 img/s and full / backbone >= 0.90
     python scripts/bench_train.py
     python scripts/bench_train.py --check-syncs      # also list host-device syncs of a step
+    python scripts/bench_train.py --precision 32-true --json train_fp32.json  # figures as JSON
     # CPU (the --quick preset is hrnet_w18_small, B = 4, 256, 5 steps after 2 warm-up steps)
     python scripts/bench_train.py --quick
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import tempfile
 import time
 import warnings
@@ -192,7 +194,7 @@ def check_syncs(step: Callable[[], None], device: torch.device) -> list[str]:
             if "synchroniz" in str(w.message).lower()]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -210,8 +212,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed steps first, incl. compilation (default "
                              f"{DEFAULTS['warmup']})")
-    parser.add_argument("--precision", choices=["auto", "bf16-mixed", "32"], default="auto",
-                        help="auto: bf16-mixed on CUDA, 32 on CPU (Lightning's contexts)")
+    parser.add_argument("--precision", choices=["auto", "bf16-mixed", "32-true", "32"],
+                        default="auto",
+                        help="auto: bf16-mixed on CUDA, 32-true on CPU (Lightning's contexts)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                         default=None, help="default: PINetModule's auto (on for CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -231,7 +234,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense", action="store_true",
                         help="dense target maps in the batch (codec.sparse=false)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -254,7 +258,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     precision = args.precision
     if precision == "auto":
-        precision = "bf16-mixed" if device.type == "cuda" else "32"
+        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     context = precision_context(precision, device)
     # training_step logs through self.log, which has no Trainer here: a no-op, not an error.
     warnings.filterwarnings("ignore", message=".*reference is not registered on the model.*")
@@ -303,13 +307,24 @@ def main() -> None:
             print(f"host-device syncs in one full step: {len(syncs)}")
             for message in syncs:
                 print(f"  {message}")
+    figures: dict[str, Any] = {
+        "device": name, "torch": torch.__version__, "backbone": args.backbone,
+        "layout": args.layout, "refine_layers": args.refine_layers, "batch_size": b,
+        "input_size": s, "precision": precision, "steps": args.steps, "warmup": args.warmup,
+        **{f"{what}_step" if what == "full" else "backbone_alone":
+           {k: (str(v) if k == "compile" else v) for k, v in r.items()}
+           for what, r in results.items()}}
     if len(results) == 2:
         ratio = results["full"]["images_per_s"] / results["backbone"]["images_per_s"]
+        figures["ratio_full_backbone"] = ratio
         print(f"ratio full / backbone: {ratio:.3f}")
         if device.type == "cuda":
             ok = results["full"]["images_per_s"] >= BAR_IMAGES_PER_S and ratio >= BAR_RATIO
+            figures["bar_met"] = ok
             print(f"bar (H100, B=20 at 512): full >= {BAR_IMAGES_PER_S:.0f} img/s and ratio >= "
                   f"{BAR_RATIO:.2f}: {'met' if ok else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

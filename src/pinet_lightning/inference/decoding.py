@@ -183,6 +183,12 @@ def gather_offsets(offsets: Tensor, index: Tensor, num_keypoints: int) -> Tensor
     return picked.view(b, p, num_keypoints, 2, t).permute(0, 1, 4, 2, 3)
 
 
+def _reorder(x: Tensor, order: Sequence[int], dim: int = 1) -> Tensor:
+    """``x`` with its entries along ``dim`` in ``order``, built from views: an index tensor
+    made from ``order`` on the device would be a blocking host-to-device copy (a sync)."""
+    return torch.stack([x.select(dim, int(i)) for i in order], dim)
+
+
 def merge_flip(outputs: Mapping[str, Tensor], flip_index: Sequence[int] | Tensor,
                flip: bool) -> tuple[Tensor, Tensor]:
     """Keypoint and part heatmaps of the batch, averaged with the mirrored half when
@@ -192,8 +198,7 @@ def merge_flip(outputs: Mapping[str, Tensor], flip_index: Sequence[int] | Tensor
     if not flip:
         return heatmaps, parts
     b = heatmaps.shape[0] // 2
-    perm = torch.as_tensor(list(flip_index), device=heatmaps.device)
-    heatmaps = (heatmaps[:b] + heatmaps[b:].flip(-1)[:, perm]) / 2
+    heatmaps = (heatmaps[:b] + _reorder(heatmaps[b:].flip(-1), flip_index)) / 2
     parts = (parts[:b] + parts[b:].flip(-1)) / 2
     return heatmaps, parts
 
@@ -244,14 +249,15 @@ def decode_scale(outputs: Mapping[str, Tensor], layout: Layout, cfg: DecodeConfi
     pose_stack = torch.cat(poses)  # (n_branches * B*P*T, K, 2)
     if refine_fn is not None and cfg.refine:
         n_img = 2 * b if flip else b
-        batch_index = torch.arange(n_img, device=pose_stack.device).repeat_interleave(p * t)
+        # output_size: never a host sync, whatever the torch version's int-repeats path
+        batch_index = torch.arange(n_img, device=pose_stack.device).repeat_interleave(
+            p * t, output_size=n_img * p * t)
         correction = refine_fn(outputs["features"], pose_stack, torch.cat(sources), batch_index)
         pose_stack = pose_stack - correction.float()  # refined pose = coarse pose - correction
     refined = pose_stack[: b * p * t]
     if flip:
         mirrored = pose_stack[b * p * t:]
-        perm = torch.as_tensor(list(layout.flip_index), device=mirrored.device)
-        back = mirrored[:, perm]
+        back = _reorder(mirrored, layout.flip_index)
         back = torch.stack([(w - 1) - back[..., 0], back[..., 1]], -1)
         refined = (refined + back) / 2
     part_index = torch.arange(p, device=index.device)[None, :, None].expand(b, p, t)

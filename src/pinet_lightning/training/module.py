@@ -25,7 +25,8 @@ Gotchas (read before changing):
   ``precision="bf16-mixed"``): nothing to do here; the losses compute in float32 anyway.
 - ``channels_last`` / ``compile`` ("auto", True, False) are applied in ``configure_model``
   where the trainer's device is known; "auto" means on CUDA only. ``compile`` compiles the
-  backbone + heads forward used by ``training_step`` (static shapes); evaluation runs the
+  backbone + heads forward used by ``training_step`` (static shapes; ``compile_options`` are
+  ``torch.compile``'s keyword arguments, e.g. the CPU test's backend); evaluation runs the
   eager network because its image sizes vary (a compiled graph would recompile per size).
   The compiled callable is kept outside the module tree so checkpoint keys stay ``net.*``.
 - Evaluation: every rank keeps ``{image_id: [COCO result dicts]}`` (an image with no pose
@@ -170,6 +171,8 @@ class PINetModule(pl.LightningModule):
             ``gamma`` 0.1); null: a constant learning rate.
         decode: ``DecodeConfig`` fields used by validation / test / predict.
         channels_last, compile: "auto" (on CUDA only), True or False.
+        compile_options: ``torch.compile`` keyword arguments (``mode``, ``backend``, ...);
+            None: its defaults (the inductor backend).
         eval_protocol, val_annotation_file, test_annotation_file: overrides of the
             datamodule's ``protocol`` / annotation files for evaluation.
         finite_check_every: steps between checks that the training loss and the weights
@@ -194,6 +197,7 @@ class PINetModule(pl.LightningModule):
         decode: Mapping[str, Any] | None = None,
         channels_last: bool | str = "auto",
         compile: bool | str = "auto",
+        compile_options: Mapping[str, Any] | None = None,
         eval_protocol: str | None = None,
         val_annotation_file: str | None = None,
         test_annotation_file: str | None = None,
@@ -219,6 +223,7 @@ class PINetModule(pl.LightningModule):
             "codec": self.codec.to_dict(), "network": network, "loss": loss,
             "optimizer": optimizer, "scheduler": scheduler, "decode": decode,
             "channels_last": _plain(channels_last), "compile": _plain(compile),
+            "compile_options": _plain(compile_options) if compile_options else None,
             "eval_protocol": eval_protocol,
             "val_annotation_file": None if val_annotation_file is None
             else str(val_annotation_file),
@@ -281,7 +286,8 @@ class PINetModule(pl.LightningModule):
             self._channels_last = True
         if not self._compiled and resolve_switch(self.hparams.compile, device, "compile"):
             # Kept off the module tree (object.__setattr__): state dict keys stay "net.*".
-            object.__setattr__(self, "_train_forward", torch.compile(self.net))
+            options = dict(self.hparams.get("compile_options") or {})
+            object.__setattr__(self, "_train_forward", torch.compile(self.net, **options))
             self._compiled = True
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
