@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pinet_lightning.datasets import _num_labelled, _region
+from pinet_lightning.datasets import _region
 from pinet_lightning.images import (
     _jpeg_truncation,
     check_image_files,
@@ -126,12 +126,6 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
             value, run = v, 1
     counts.append(run)
     return counts
-
-
-def test_labelled_keypoints_count_every_positive_flag():
-    assert _num_labelled({"keypoints": [1, 2, 1, 3, 4, 2, 5, 6, 0, 7, 8, 1]}) == 3
-    assert _num_labelled({"keypoints": [0, 0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0]}) == 2
-    assert _num_labelled({"keypoints": None}) == 0 and _num_labelled({}) == 0
 
 
 def test_a_broken_header_is_caught_by_the_full_walk_only(tmp_path):
