@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ from pinet_lightning.network import PINet
 
 __all__ = ["PINetModule", "NonFiniteLossError", "merge_gathered_results", "resolve_switch",
            "check_data_matches_network"]
+
+log = logging.getLogger(__name__)
 
 
 def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -184,6 +187,10 @@ class PINetModule(pl.LightningModule):
         })
         self.layout = get_layout(layout)
         self.net = net if net is not None else PINet(self.layout, **network)
+        if net is None and network.get("pretrained") is None:
+            # the backbone logs the weights it loads; say so when there are none
+            log.info("backbone %s: %s", self.net.backbone_name,
+                     self.net.backbone.weights_source)
         self.criterion = PINetLoss(**loss)
         self.decode_cfg = DecodeConfig.from_any(decode)  # unknown fields: a ValueError
         self._channels_last = False
