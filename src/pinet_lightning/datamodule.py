@@ -3,9 +3,11 @@ docs/architecture.md, Hydra instantiates them).
 
 Data comes from explicit ``train`` / ``val`` / ``test`` ``{"images": dir, "annotations": json}``
 entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
-``synthetic.root/{train,val}`` (cached: a ``synthetic_meta.json`` beside each annotation file
-records the knobs, and a set whose knobs match is not regenerated). The synthetic ``val`` set
-is also the test set unless ``test`` is given.
+``synthetic.root/{train,val,test}`` (cached: a ``synthetic_meta.json`` beside each annotation
+file records the knobs, and a set whose knobs match is not regenerated). The three splits are
+drawn by the same generator from different seeds: the synthetic ``test`` split is held out
+(``num_test`` images; None: as many as ``num_val``), so test AP is not val AP. An explicit
+``test`` entry replaces it.
 
 Checked when the data module is built (config time, before any data is read):
 ``input_size`` a multiple of 32 (:data:`INPUT_MULTIPLE`). Checked when the datasets are built
@@ -38,6 +40,7 @@ from pinet_lightning.conventions import get_convention
 from pinet_lightning.datasets import CocoKeypointDataset
 from pinet_lightning.evaluation import KeypointEvaluator
 from pinet_lightning.layouts import get_layout
+from pinet_lightning.synthetic import generate_synthetic_crowd
 from pinet_lightning.targets import OMEGA_KEYS, WINDOW_KEYS, PINetTargetCodec
 
 __all__ = ["PINetDataModule", "train_collate", "eval_collate", "SYNTHETIC_DEFAULTS"]
@@ -46,6 +49,7 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "root": "data/synthetic",
     "num_train": 200,
     "num_val": 50,
+    "num_test": None,  # None: as many as num_val
     "image_size": 512,
     "min_people": 2,
     "max_people": 8,
@@ -69,6 +73,8 @@ _PEOPLE_DEFAULTS: dict[str, Any] = {
 }
 INPUT_MULTIPLE = 32  # the backbone's coarsest stride (HRNet's 1/32 branch)
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
+# each synthetic split draws its scenes from its own seed: synthetic.seed + this
+_SYNTHETIC_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_006}
 
 
 # the per-entry keys of the sparse targets (targets.py owns the names): concatenated over the
@@ -236,14 +242,14 @@ class PINetDataModule(pl.LightningDataModule):
             "val": _split_entry(val, "val"),
             "test": _split_entry(test, "test"),
         }
+        self._synthetic_splits: list[str] = []  # the splits prepare_data generates
         if self.synthetic is not None:
             root = Path(str(self.synthetic["root"]))
-            for split in ("train", "val"):
+            for split in ("train", "val", "test"):
                 if self.splits[split] is None:
                     out = root / split
                     self.splits[split] = (out / "images", out / "annotations.json")
-            if self.splits["test"] is None:
-                self.splits["test"] = self.splits["val"]
+                    self._synthetic_splits.append(split)
         self.train_dataset: CocoKeypointDataset | None = None
         self.val_dataset: CocoKeypointDataset | None = None
         self.test_dataset: CocoKeypointDataset | None = None
@@ -270,25 +276,26 @@ class PINetDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ data
     def _synthetic_knobs(self, split: str) -> dict[str, Any]:
         cfg = self.synthetic or {}
+        count = cfg[f"num_{split}"]
+        if split == "test" and count is None:
+            count = cfg["num_val"]
         return {
-            "num_images": int(cfg[f"num_{split}"]),
+            "num_images": int(count),
             "image_size": int(cfg["image_size"]),
             "min_people": int(cfg["min_people"]),
             "max_people": int(cfg["max_people"]),
             "overlap": float(cfg["overlap"]),
             "layout": self.layout.to_dict(),
-            # val draws other scenes than train
-            "seed": int(cfg["seed"]) + (0 if split == "train" else 1_000_003),
+            # train, val and the held-out test draw different scenes
+            "seed": int(cfg["seed"]) + _SYNTHETIC_SEED_OFFSETS[split],
         }
 
     def prepare_data(self) -> None:
         """Generate the synthetic crowd once (rank 0 of each node; skipped when cached)."""
         if self.synthetic is None:
             return
-        from pinet_lightning.synthetic import generate_synthetic_crowd
-
         root = Path(str(self.synthetic["root"]))
-        for split in ("train", "val"):
+        for split in self._synthetic_splits:
             knobs = self._synthetic_knobs(split)
             out = root / split
             meta_path = out / "synthetic_meta.json"
