@@ -71,13 +71,13 @@ class PretrainedWeights:
 
 
 def _file_option(name: str) -> str:
+    # no double quotes: Hydra shows the message through repr(), which would escape the quotes
     return (f"give a local file instead: model.network.pretrained=/path/to/{name}.pth, timm's "
-            f"weights saved on a machine with internet (python -c \"import timm, torch; "
-            f"torch.save(timm.create_model('{name}', pretrained=True).state_dict(), "
-            f"'{name}.pth')\") or a .safetensors of them, or, for hrnet_w32, the official "
-            "HRNet ImageNet file the published PINet loads (hrnet_w32-36af842e.pth / "
-            "hrnetv2_w32_imagenet_pretrained.pth); or model.network.pretrained=null to start "
-            "from random weights")
+            f"weights saved on a machine with internet (torch.save of "
+            f"timm.create_model('{name}', pretrained=True).state_dict()) or a .safetensors of "
+            "them, or, for hrnet_w32, the official HRNet ImageNet file the published PINet "
+            "loads (hrnet_w32-36af842e.pth / hrnetv2_w32_imagenet_pretrained.pth); or "
+            "model.network.pretrained=null to start from random weights")
 
 
 def imagenet_hub_id(name: str) -> str:
