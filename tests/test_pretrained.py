@@ -79,7 +79,7 @@ def test_imagenet_from_timms_hub_cache(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pinet_lightning.backbone"):
         bb = Backbone(SMALL, pretrained="imagenet")
     _same_backbone(bb, state)
-    assert asked == ["model.safetensors"]
+    assert asked and set(asked) <= {"model.safetensors", "pytorch_model.bin"}  # timm's names
     line = f"ImageNet weights from hub {SMALL_HUB}: {len(bb.body.state_dict())} tensors loaded"
     assert line in bb.weights_source and line in caplog.text
 
