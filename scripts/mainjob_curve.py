@@ -233,6 +233,17 @@ def keypoint_errors(pairs: list[tuple[np.ndarray, np.ndarray, float]], sigmas: n
             "r75": mean(r75)}
 
 
+def _test_annotations(cfg: dict) -> Path:
+    """The ground truth a run was tested on: its data.test file, else its synthetic held-out
+    split (runs from before that split, whose config has no num_test, tested on val)."""
+    data = cfg["data"]
+    if data.get("test"):
+        return Path(data["test"]["annotations"])
+    synthetic = data["synthetic"]
+    split = "test" if "num_test" in synthetic else "val"
+    return Path(synthetic["root"]) / split / "annotations.json"
+
+
 def cmd_errors(args: argparse.Namespace) -> None:
     from pinet_lightning.core.layouts import get_layout
 
@@ -241,8 +252,7 @@ def cmd_errors(args: argparse.Namespace) -> None:
     layout = get_layout(cfg.get("layout", "crowdpose"))
     sigmas = np.asarray(layout.sigmas, float)
     results_file = Path(args.results) if args.results else _last_results(run, "test")
-    gt_file = (Path(args.annotations) if args.annotations else
-               Path(cfg["data"]["synthetic"]["root"]) / "val" / "annotations.json")
+    gt_file = Path(args.annotations) if args.annotations else _test_annotations(cfg)
     results = json.loads(results_file.read_text())
     annotations = json.loads(gt_file.read_text())
     pairs = match_predictions(results, annotations, sigmas, args.min_oks)
@@ -401,7 +411,7 @@ def main() -> None:
     e.add_argument("--results", default=None, help="COCO results json (default: the run's "
                                                    "last test results)")
     e.add_argument("--annotations", default=None, help="ground truth (default: the run's "
-                                                       "synthetic val annotations)")
+                                                       "test annotations)")
     e.add_argument("--min-oks", type=float, default=0.5)
     e.set_defaults(func=cmd_errors)
     r = sub.add_parser("run", help="one pinet-train run with its load recorded")

@@ -100,7 +100,12 @@ def test_spec_defaults(tmp_path):
                              min_part_area=1024.0, layout="ochuman", protocol="coco",
                              ignore_regions=False, min_image_keypoints=None)),
 ])
-def test_recipes(tmp_path, experiment, expected):
+def test_recipes(tmp_path, experiment, expected, monkeypatch):
+    import torch
+
+    # on a bf16 GPU (where the trainer group's default would pick bf16-mixed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
     assert cfg.trainer.max_epochs == expected["epochs"]
     assert list(cfg.model.scheduler.milestones) == expected["milestones"]
@@ -114,6 +119,19 @@ def test_recipes(tmp_path, experiment, expected):
     assert cfg.codec.input_size == 512 and cfg.model.optimizer.lr == 0.001
     assert cfg.trainer.strategy._target_ == "pinet_lightning.cli.ddp.HydraDDPStrategy"
     assert cfg.task_name == experiment
+    # the published recipe: the ImageNet HRNet-W32, float32 training
+    assert cfg.model.network.pretrained == "imagenet" and cfg.model.network.backbone == "hrnet_w32"
+    assert cfg.trainer.precision == "32-true"
+    bf16 = _compose("train", [f"experiment={experiment}", "trainer.precision=bf16-mixed",
+                              "model.network.pretrained=/w/hrnet_w32.pth"], tmp_path)
+    assert bf16.trainer.precision == "bf16-mixed"
+    assert bf16.model.network.pretrained == "/w/hrnet_w32.pth"
+
+
+@pytest.mark.parametrize("experiment", ["synthetic", "synthetic_long"])
+def test_the_synthetic_model_starts_from_random_weights(tmp_path, experiment):
+    cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
+    assert cfg.model.network.pretrained is None
 
 
 def test_ochuman_trains_on_val_and_tests_on_test(tmp_path):

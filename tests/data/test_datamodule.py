@@ -26,6 +26,8 @@ def test_prepare_data_caches_and_regenerates_on_change(tmp_path):
     first = ann.stat().st_mtime_ns
     assert (tmp_path / "val" / "annotations.json").is_file()
     assert (tmp_path / "train" / "synthetic_meta.json").is_file()
+    test_meta = tmp_path / "test" / "synthetic_meta.json"
+    assert test_meta.is_file()
     dm.prepare_data()
     assert ann.stat().st_mtime_ns == first  # cached
     _dm(tmp_path, synthetic={"num_train": 5}).prepare_data()
@@ -37,9 +39,34 @@ def test_attributes(tmp_path):
     dm = _dm(tmp_path, protocol="coco")
     assert dm.layout.name == "crowdpose" and dm.protocol == "coco"
     assert dm.val_annotation_file == str(tmp_path / "val" / "annotations.json")
-    assert dm.test_annotation_file == dm.val_annotation_file
+    assert dm.test_annotation_file == str(tmp_path / "test" / "annotations.json")
+    given = {"images": str(tmp_path / "x"), "annotations": str(tmp_path / "x.json")}
+    assert _dm(tmp_path, test=given).test_annotation_file == given["annotations"]
     with pytest.raises(ValueError, match="protocol"):
         PINetDataModule(protocol="mpii")
+
+
+def test_synthetic_test_split_is_held_out(tmp_path):
+    """The same generator, another seed: the test scenes are not the val scenes (so test AP is
+    not val AP); as many as val unless num_test says."""
+    import json
+
+    def scenes(split):
+        data = json.loads((tmp_path / split / "annotations.json").read_text())
+        return [[a["keypoints"] for a in data["annotations"] if a["image_id"] == im["id"]]
+                for im in data["images"]]
+
+    _dm(tmp_path, synthetic={"num_val": 3}).prepare_data()
+    val, test = scenes("val"), scenes("test")
+    assert len(val) == len(test) == 3
+    assert not any(t == v for t in test for v in val)
+    meta = {s: json.loads((tmp_path / s / "synthetic_meta.json").read_text())
+            for s in ("train", "val", "test")}
+    assert len({m["seed"] for m in meta.values()}) == 3
+    assert {k: v for k, v in meta["test"].items() if k != "seed"} == \
+        {k: v for k, v in meta["val"].items() if k != "seed"}  # the same generator settings
+    _dm(tmp_path, synthetic={"num_val": 3, "num_test": 5}).prepare_data()
+    assert len(scenes("test")) == 5 and scenes("val") == val  # val kept (cached)
 
 
 @pytest.mark.parametrize(("workers", "sparse"), [(0, True), (1, True), (0, False), (1, False)])

@@ -145,23 +145,24 @@ def test_padding_is_ignored_by_the_heatmap_loss(tmp_path):
 def test_image_filters(tmp_path):
     images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in range(1, 5)]
 
-    def labelled(n, image_id, ann_id):
+    def labelled(n, image_id, ann_id, stored=None):
         a = _person(5, 5, image_id=image_id, ann_id=ann_id)
         a["keypoints"] = [v if i % 3 < 2 or i // 3 < n else 0 for i, v in
                           enumerate(a["keypoints"])]
-        a["num_keypoints"] = 0  # ignored: the v flags count
+        a["num_keypoints"] = n if stored is None else stored
         return a
 
     crowd = {"id": 9, "image_id": 3, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 3 * K,
              "num_keypoints": 0, "bbox": [0, 0, 8, 8]}
-    anns = [labelled(10, 1, 1), labelled(6, 2, 2), labelled(6, 2, 3), crowd]  # image 4: none
+    # image 5: 12 labelled keypoints, but its file says 4 + 4 (the stored count decides)
+    anns = [labelled(10, 1, 1), labelled(6, 2, 2), labelled(6, 2, 3), crowd,
+            labelled(6, 5, 5, stored=4), labelled(6, 5, 6, stored=4)]  # image 4: none
+    images.append({"id": 5, "file_name": "5.jpg", "height": 64, "width": 64})
     img_dir, ann = _write(tmp_path, anns, images)
     # CrowdPose / OCHuman: every image with at least one annotation, even a crowd region
-    assert CocoKeypointDataset(img_dir, ann,
-                               codec=CODEC_64).image_ids == [1, 2, 3]
-    # COCO: labelled keypoints (v > 0) summing to more than 10
-    coco = CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
-                               min_image_keypoints=10)
+    assert CocoKeypointDataset(img_dir, ann, codec=CODEC_64).image_ids == [1, 2, 3, 5]
+    # COCO: the annotations' num_keypoints summing to more than 10 (published)
+    coco = CocoKeypointDataset(img_dir, ann, codec=CODEC_64, min_image_keypoints=10)
     assert coco.image_ids == [2]
 
 

@@ -17,7 +17,7 @@ from pinet_lightning.core.images import (
     image_file_problem,
     read_image,
 )
-from pinet_lightning.data.datasets import _num_labelled, _region
+from pinet_lightning.data.datasets import _region
 
 SOI, EOI, SOS = b"\xff\xd8", b"\xff\xd9", b"\xff\xda\x00\x04\x11\x22"
 SCAN = b"\x12\xff\x00\x34"  # scan data: FF is followed by 00
@@ -126,12 +126,6 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
             value, run = v, 1
     counts.append(run)
     return counts
-
-
-def test_labelled_keypoints_count_every_positive_flag():
-    assert _num_labelled({"keypoints": [1, 2, 1, 3, 4, 2, 5, 6, 0, 7, 8, 1]}) == 3
-    assert _num_labelled({"keypoints": [0, 0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0]}) == 2
-    assert _num_labelled({"keypoints": None}) == 0 and _num_labelled({}) == 0
 
 
 def test_a_broken_header_is_caught_by_the_full_walk_only(tmp_path):

@@ -61,8 +61,8 @@ def test_a_cell_half_ignored_is_ignored(tmp_path):
 
 
 def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
-    """Not a crowd region, or a crowd annotation with at least one labelled keypoint; the
-    mask ignores crowd regions (labelled or not) and people without labelled keypoints."""
+    """Not a crowd region, or a crowd annotation whose num_keypoints is above 0; the mask
+    ignores crowd regions (people or not) and annotations with num_keypoints 0."""
     no_flag = _person(4, 4, ann_id=2)
     del no_flag["iscrowd"]  # no flag: not a crowd
     labelled_crowd = dict(_person(30, 30, ann_id=3), iscrowd=1, bbox=[30, 30, 8, 8])
@@ -77,6 +77,7 @@ def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
     kps, boxes, mask = ds.people(anns, 64, 64)
     assert len(kps) == 4  # all four are people
     assert mask[32, 32] == 0 and mask[5, 5] == 1 and mask[5, 41] == 1
+    assert mask[41, 51] == 0  # the one with num_keypoints 0 (its box)
 
 
 def test_augmentation_reseeded_from_torch_per_worker(tmp_path):

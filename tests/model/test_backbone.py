@@ -1,9 +1,9 @@
-"""Backbone: timm features upsampled to stride 4 and concatenated; local ImageNet weights."""
+"""Backbone: timm features upsampled to stride 4 and concatenated (ImageNet weights:
+test_pretrained.py)."""
 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from pinet_lightning.model.backbone import Backbone
@@ -44,34 +44,3 @@ def test_generic_backbone_drops_stride_2():
 def test_backbone_without_stride_4_is_rejected():
     with pytest.raises(ValueError, match="stride-4"):
         Backbone("vit_tiny_patch16_224")
-
-
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_pretrained_from_local_file(tmp_path, suffix):
-    # An "ImageNet" checkpoint: the full classification model, head included.
-    torch.manual_seed(1)
-    full = timm.create_model(SMALL)
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".pth":
-        torch.save(full.state_dict(), path)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
-    bb = Backbone(SMALL, pretrained=str(path))
-    ref = full.state_dict()
-    for name, value in bb.body.state_dict().items():
-        assert torch.equal(value, ref[name]), name
-    assert any(k.startswith("classifier") for k in bb.ignored_keys)
-    assert not torch.equal(Backbone(SMALL).body.conv1.weight, ref["conv1.weight"])
-
-
-def test_pretrained_missing_file_and_missing_keys(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        Backbone(SMALL, pretrained=str(tmp_path / "nope.pth"))
-    state = timm.create_model(SMALL).state_dict()
-    del state["conv1.weight"]
-    path = tmp_path / "partial.pth"
-    torch.save(state, path)
-    with pytest.raises(RuntimeError, match="conv1.weight"):
-        Backbone(SMALL, pretrained=str(path))

@@ -10,9 +10,11 @@ is a new class named there.
 
 Data comes from explicit ``train`` / ``val`` / ``test`` ``{"images": dir, "annotations": json}``
 entries, or from a synthetic crowd that :meth:`prepare_data` writes once into
-``synthetic.root/{train,val}`` (cached: a ``synthetic_meta.json`` beside each annotation file
-records the knobs, and a set whose knobs match is not regenerated). The synthetic ``val`` set
-is also the test set unless ``test`` is given.
+``synthetic.root/{train,val,test}`` (cached: a ``synthetic_meta.json`` beside each annotation
+file records the knobs, and a set whose knobs match is not regenerated). The three splits are
+drawn by the same generator from different seeds: the synthetic ``test`` split is held out
+(``num_test`` images; None: as many as ``num_val``), so test AP is not val AP. An explicit
+``test`` entry replaces it.
 
 Checked when the data module is built (config time, before any data is read): the codec
 (``codec.input_size`` a multiple of 32, ...). Checked when the datasets are built
@@ -53,6 +55,7 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "root": "data/synthetic",
     "num_train": 200,
     "num_val": 50,
+    "num_test": None,  # None: as many as num_val
     "image_size": 512,
     "min_people": 2,
     "max_people": 8,
@@ -72,6 +75,8 @@ _PEOPLE_DEFAULTS: dict[str, Any] = {
     if name in ("ignore_regions", "min_image_keypoints")
 }
 _SYNTHETIC_VERSION = 1  # bump when the generator's output changes
+# each synthetic split draws its scenes from its own seed: synthetic.seed + this
+_SYNTHETIC_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_006}
 
 
 def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,15 +161,11 @@ class PINetDataModule(pl.LightningDataModule):
         self._synthetic_splits: dict[str, str] = {}  # split -> the synthetic set it reads
         if self.synthetic is not None:
             root = Path(str(self.synthetic["root"]))
-            for split in ("train", "val"):
+            for split in ("train", "val", "test"):
                 if self.splits[split] is None:
                     out = root / split
                     self.splits[split] = (out / "images", out / "annotations.json")
                     self._synthetic_splits[split] = split
-            if self.splits["test"] is None:
-                self.splits["test"] = self.splits["val"]
-                if "val" in self._synthetic_splits:
-                    self._synthetic_splits["test"] = "val"
         self.train_dataset: CocoKeypointDataset | None = None
         self.val_dataset: CocoKeypointDataset | None = None
         self.test_dataset: CocoKeypointDataset | None = None
@@ -191,25 +192,27 @@ class PINetDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ data
     def _synthetic_knobs(self, split: str) -> dict[str, Any]:
         cfg = self.synthetic or {}
+        count = cfg[f"num_{split}"]
+        if split == "test" and count is None:
+            count = cfg["num_val"]
         return {
-            "num_images": int(cfg[f"num_{split}"]),
+            "num_images": int(count),
             "image_size": int(cfg["image_size"]),
             "min_people": int(cfg["min_people"]),
             "max_people": int(cfg["max_people"]),
             "overlap": float(cfg["overlap"]),
             "layout": self.layout.to_dict(),
-            # val draws other scenes than train
-            "seed": int(cfg["seed"]) + (0 if split == "train" else 1_000_003),
+            # train, val and the held-out test draw different scenes
+            "seed": int(cfg["seed"]) + _SYNTHETIC_SEED_OFFSETS[split],
         }
 
     def prepare_data(self) -> None:
         """Generate the synthetic crowd once (rank 0 of each node; skipped when cached)."""
         if self.synthetic is None:
             return
-
         root = Path(str(self.synthetic["root"]))
         root.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "val"):
+        for split in self._synthetic_splits:
             knobs = self._synthetic_knobs(split)
             out = root / split
             meta_path = out / "synthetic_meta.json"

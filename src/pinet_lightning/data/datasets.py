@@ -13,25 +13,26 @@ Choices:
   (its convention; the mask shrunk by area averaging).
 - The areas handed to the codec are person box areas (``bbox`` w x h; the keypoint hull
   where a box is missing) times the determinant of the augmentation.
-- People (algorithm.md 2.0, the published dataset): every annotation that is not a crowd region,
-  plus crowd annotations with keypoints. "Has keypoints" is read from the v flags, never
-  from ``num_keypoints`` (CrowdPose's counts only its 12 body joints, not head and neck).
+- People (algorithm.md 2.0, the published dataset; :mod:`pinet_lightning.core.people` owns the
+  rule): every annotation that is not a crowd region, plus crowd regions whose stored
+  ``num_keypoints`` is above 0 (CrowdPose's counts its 12 body joints, not head and neck: a
+  crowd region with only those two labelled is not a person). A file without the field
+  counts the keypoints with v > 0 instead.
 - Ignore mask (0 = ignore), ``ignore_regions=True`` (COCO): crowd regions (``iscrowd`` 1)
-  and annotated people with no keypoints, from their segmentation (RLE or polygons,
+  and annotations with ``num_keypoints`` 0, from their segmentation (RLE or polygons,
   pycocotools) or, without one, their box. CrowdPose and OCHuman have none (the default).
   The padding the augmentation brings in is ignored too (``augmentation.ignore_padding``).
   The mask is warped with the image and shrunk to the output size by area averaging: a
   cell is ignored when at least half of its pixels are, kept only when more than half are
   kept (the published ``> 0.5`` on the warped mask).
 - Train mode keeps every image with at least one annotation (CrowdPose, OCHuman), or with
-  ``min_image_keypoints=n`` those whose annotations' labelled keypoints (v > 0) sum to more
-  than n (COCO: 10). Eval mode keeps every image.
-- The annotation file goes through
-  :func:`~pinet_lightning.core.annotations.validate_coco_keypoints` when the dataset is
-  built (only the person category is kept, boxes are derived where absent), and every image
-  file it will read is checked then too (present, not a folder, a JPEG not cut short): bad
-  data stops the run before training, naming file, ids and fix; ``skip_invalid=True`` skips
-  it with a logged count and ids instead.
+  ``min_image_keypoints=n`` those whose annotations' ``num_keypoints`` sum to more than n
+  (COCO: 10). Eval mode keeps every image.
+- The annotation file goes through :func:`~pinet_lightning.core.annotations.validate_coco_keypoints`
+  when the dataset is built (only the person category is kept, boxes are derived where
+  absent), and every image file it will read is checked then too (present, not a folder, a
+  JPEG not cut short): bad data stops the run before training, naming file, ids and fix;
+  ``skip_invalid=True`` skips it with a logged count and ids instead.
 
 Where each dataset's files sit in its official release is written once, in the config that
 reads them (conf/data/<dataset>.yaml).
@@ -56,6 +57,7 @@ from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.annotations import load_json, validate_coco_keypoints
 from pinet_lightning.core.images import check_image_files, image_file_problem, read_image
 from pinet_lightning.core.layouts import Layout
+from pinet_lightning.core.people import is_crowd, is_person, num_keypoints
 from pinet_lightning.data.augmentation import TrainAugmentation
 
 __all__ = ["CocoKeypointDataset", "read_image", "check_image_files", "image_file_problem"]
@@ -167,16 +169,11 @@ class CocoKeypointDataset(Dataset):
     def _annotations(self, image_id: int) -> list[dict]:
         return self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=None))
 
-    @staticmethod
-    def _is_person(ann: dict) -> bool:
-        """Not a crowd region, or a crowd annotation with keypoints (algorithm.md 2.0)."""
-        return not ann.get("iscrowd", 0) or _num_labelled(ann) > 0
-
     def _keep_for_training(self, image_id: int) -> bool:
         anns = self._annotations(image_id)
         if self.min_image_keypoints is None:
             return len(anns) > 0
-        return sum(_num_labelled(a) for a in anns) > self.min_image_keypoints
+        return sum(num_keypoints(a) for a in anns) > self.min_image_keypoints
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -195,7 +192,7 @@ class CocoKeypointDataset(Dataset):
         """Keypoints (N, K, 3), boxes (N, 4) xywh, ignore mask (H, W) uint8 (0 = ignore; all
         1 unless ``ignore_regions``)."""
         k = self.layout.num_keypoints
-        persons = [a for a in anns if self._is_person(a)]
+        persons = [a for a in anns if is_person(a)]
         kps = np.array([a.get("keypoints") or [0.0] * (3 * k) for a in persons],
                        dtype=np.float64).reshape(-1, k, 3)
         boxes = np.array([a.get("bbox") or _hull(kp) for a, kp in zip(persons, kps, strict=True)],
@@ -203,7 +200,7 @@ class CocoKeypointDataset(Dataset):
         mask = np.ones((height, width), np.uint8)
         if self.ignore_regions:
             for a in anns:
-                if a.get("iscrowd", 0) or _num_labelled(a) == 0:
+                if is_crowd(a) or num_keypoints(a) == 0:
                     mask[_region(a, height, width) > 0] = 0
         return kps, boxes, mask
 
@@ -236,12 +233,6 @@ class CocoKeypointDataset(Dataset):
         }
         sample.update({key: torch.from_numpy(v) for key, v in targets.items()})
         return sample
-
-
-def _num_labelled(ann: dict) -> int:
-    """Keypoints with v > 0, from the flags (CrowdPose's num_keypoints skips head and neck)."""
-    flags = np.asarray(ann.get("keypoints") or [], dtype=np.float64)[2::3]
-    return int((flags > 0).sum())
 
 
 def _hull(kp: np.ndarray) -> list[float]:

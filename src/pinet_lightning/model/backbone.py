@@ -6,8 +6,10 @@ classification-head features. Any other timm model with ``features_only`` suppor
 too: its stride-2 map, if any, is dropped; a model whose finest map is coarser than stride 4
 (e.g. a ViT) is rejected, since PINet's heads and targets live at stride 4.
 
-ImageNet weights come from a local file only (``pretrained="path.pth|.safetensors"``);
-there is no download at run time.
+ImageNet weights (:mod:`pinet_lightning.model.pretrained`): ``pretrained="imagenet"`` (timm's hub
+weights, fetched and cached by timm), a local ``.pth`` / ``.safetensors`` file (timm's or the
+official HRNet release's), or None (random). HRNet weights are loaded strictly: every backbone
+tensor, or an error listing what did not match.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import load_state_dict
 from torch import Tensor, nn
+
+from pinet_lightning.model.pretrained import describe, load_hrnet_weights, resolve_pretrained
 
 __all__ = ["Backbone"]
 
@@ -33,40 +36,38 @@ class Backbone(nn.Module):
 
     Args:
         name: a timm model name (``hrnet_w32``, ``hrnet_w18_small_v2``, ``resnet50``, ...).
-        pretrained: path of a local ImageNet weights file (.pth / .pt / .safetensors), or
-            None for random initialization.
+        pretrained: ``"imagenet"`` (timm's ImageNet weights of ``name``, from the hub or
+            timm's cache), the path of a local ImageNet weights file (.pth / .pt /
+            .safetensors), or None for random initialization.
 
     Attributes:
         out_channels: channels of the concatenated map (480 for hrnet_w32).
         channels, reductions: per selected timm feature.
+        weights_source: where the weights came from, one line (logged when loaded).
+        ignored_keys: the classification-head tensors of the weights file, dropped.
     """
 
-    def __init__(self, name: str = "hrnet_w32", pretrained: str | None = None) -> None:
+    def __init__(self, name: str = "hrnet_w32", pretrained: str | Path | None = None) -> None:
         super().__init__()
         self.name = name
-        if pretrained is not None:
-            path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"pretrained weights file '{path}' not found. Pass the path "
-                    f"of a local ImageNet checkpoint of '{name}' (.pth or .safetensors, e.g. "
-                    "saved from timm on a machine with internet), or pretrained=None for "
-                    "random initialization; nothing is downloaded at run time.")
         self.is_hrnet = name.startswith("hrnet")
+        # the weights first: a missing file or an unreachable hub stops before any building
+        weights = resolve_pretrained(pretrained, name)
         try:
             if self.is_hrnet:
                 self.body = timm.create_model(name, features_only=True, feature_location="",
                                               out_indices=(1, 2, 3, 4))
             else:
                 kwargs = {}
-                if pretrained is not None:
-                    # timm loads the file into the full model (strictly) before wrapping it.
-                    kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+                if weights is not None:
+                    # timm loads them into the full model (strictly) before wrapping it.
+                    kwargs = {"pretrained": True,
+                              "pretrained_cfg_overlay": {"state_dict": weights.state}}
                 self.body = timm.create_model(name, features_only=True, **kwargs)
         except RuntimeError as err:
-            if pretrained is None:
+            if weights is None:
                 raise
-            raise RuntimeError(f"could not load '{path}' into '{name}': {err}. "
+            raise RuntimeError(f"could not load {weights.source} into '{name}': {err}. "
                                "Is it an ImageNet checkpoint of this exact model?") from err
         except Exception as err:
             if "Unknown model" in str(err) or isinstance(err, (KeyError, ValueError)):
@@ -88,25 +89,14 @@ class Backbone(nn.Module):
         self.reductions = [reductions[i] for i in keep]
         self.out_channels = sum(self.channels)
         self.ignored_keys: list[str] = []
-        if pretrained is not None and self.is_hrnet:
-            self._load_hrnet(path)
-
-    def _load_hrnet(self, path: Path) -> None:
-        """Load an HRNet ImageNet checkpoint; the classification head's keys are ignored,
-        any missing backbone key is an error."""
-
-        state = load_state_dict(str(path))
-        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                 for k, v in state.items()}
-        result = self.body.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            shown = ", ".join(result.missing_keys[:8])
-            raise RuntimeError(
-                f"'{path}' lacks {len(result.missing_keys)} weights of "
-                f"'{self.name}' (e.g. {shown}); is it an ImageNet checkpoint of this model?")
-        self.ignored_keys = list(result.unexpected_keys)
-        log.info("loaded %s into %s (%d classification-head keys ignored)", path, self.name,
-                 len(self.ignored_keys))
+        counts = None
+        if weights is not None and self.is_hrnet:
+            counts = load_hrnet_weights(self.body, weights, name)
+            own = self.body.state_dict()
+            self.ignored_keys = [k for k in weights.state if k not in own]
+        self.weights_source = describe(weights, counts)
+        if weights is not None:
+            log.info("backbone %s: %s", name, self.weights_source)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalized images -> (B, out_channels, H/4, W/4)."""

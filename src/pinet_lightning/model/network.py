@@ -25,7 +25,9 @@ class PINet(nn.Module):
     Args:
         layout: keypoint layout (name, mapping or Layout): K keypoints, P parts, skeleton.
         backbone: timm model name (``hrnet_w32``).
-        pretrained: local ImageNet weights file for the backbone, or None.
+        pretrained: ImageNet weights for the backbone: ``"imagenet"`` (timm's, from the hub
+            or its cache), a local file (timm's or the official HRNet release's), or None
+            (random); see :mod:`pinet_lightning.model.pretrained`.
         refine_layers: L residual graph blocks in PR (3 CrowdPose, 2 COCO/OCHuman).
         feature_channels: if set, a 1x1 conv + BN + ReLU projects the concatenated backbone
             features to this width before the heads and PR (None: use them as they are,

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,6 +79,8 @@ from pinet_lightning.training.losses import PINetLoss
 
 __all__ = ["PINetModule", "DivergenceError", "NonFiniteLossError", "merge_gathered_results",
            "resolve_switch", "check_same_frame"]
+
+log = logging.getLogger(__name__)
 
 
 def _defaults(cls: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -237,6 +240,10 @@ class PINetModule(pl.LightningModule):
             raise ValueError(f"the network has {self.net.layout.num_keypoints} keypoints but the "
                              f"codec's layout '{self.layout.name}' has "
                              f"{self.layout.num_keypoints}: set layout= to the network's")
+        if net is None and network.get("pretrained") is None:
+            # the backbone logs the weights it loads; say so when there are none
+            log.info("backbone %s: %s", self.net.backbone_name,
+                     self.net.backbone.weights_source)
         self.criterion = PINetLoss(**loss)
         self.decode_cfg = DecodeConfig.from_any(decode)  # unknown fields: a ValueError
         self._channels_last = False
