@@ -40,6 +40,8 @@ def test_defaults_and_plain_round_trip():
     assert PINetCodec.from_any({"_target_": "x.y", **plain}) == custom  # a Hydra node
     assert PINetCodec.from_any(custom) is custom
     assert PINetCodec.from_any(custom, input_size=128).input_size == 128
+    assert PINetCodec.from_any("coco", input_size=96) == PINetCodec("coco", input_size=96)
+    assert PINetCodec.from_any(get_layout("ochuman")).layout.name == "ochuman"
 
 
 def test_codec_survives_a_weights_only_load(tmp_path):

@@ -234,9 +234,9 @@ def test_predict_step_returns_poses_per_image(fitted):
 
 def test_oracle_validation_and_test_metrics(synthetic_crowd, tmp_path):
     _, ann = synthetic_crowd
-    module = OracleModule(network=SMALL, val_annotation_file=str(ann),
-                          test_annotation_file=str(ann), eval_protocol="crowdpose")
     dm = make_datamodule(synthetic_crowd)
+    module = OracleModule(codec=dm.codec, network=SMALL, val_annotation_file=str(ann),
+                          test_annotation_file=str(ann), eval_protocol="crowdpose")
     trainer = make_trainer(tmp_path)
     (val,) = trainer.validate(module, datamodule=dm)
     assert val["val/AP"] == pytest.approx(1.0) and val["val/AR"] == pytest.approx(1.0)
@@ -254,8 +254,9 @@ def test_zero_predictions_give_zero_metrics(synthetic_crowd, tmp_path):
         def _predict_batch(self, batch):
             return {int(i): [] for i in batch["image_id"]}
 
-    module = Empty(network=SMALL, val_annotation_file=str(ann))
-    (val,) = make_trainer(tmp_path).validate(module, datamodule=make_datamodule(synthetic_crowd))
+    dm = make_datamodule(synthetic_crowd)
+    module = Empty(codec=dm.codec, network=SMALL, val_annotation_file=str(ann))
+    (val,) = make_trainer(tmp_path).validate(module, datamodule=dm)
     assert val["val/AP"] == 0.0 and val["val/poses"] == 0 and val["val/images"] == 8
 
 

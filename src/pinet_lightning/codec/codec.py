@@ -198,12 +198,15 @@ class PINetCodec:
         return cls(**dict(values))
 
     @classmethod
-    def from_any(cls, spec: PINetCodec | Mapping[str, Any] | None = None,
+    def from_any(cls, spec: PINetCodec | Mapping[str, Any] | Layout | str | None = None,
                  **overrides: Any) -> PINetCodec:
-        """A codec from a codec, a mapping of its fields (a Hydra node) or None (defaults),
-        with ``overrides`` applied."""
+        """A codec from a codec, a mapping of its fields (a Hydra node), a layout (a name or
+        a :class:`Layout`: the other fields at their defaults) or None (defaults), with
+        ``overrides`` applied."""
         if isinstance(spec, PINetCodec):
             return dataclasses.replace(spec, **overrides) if overrides else spec
+        if isinstance(spec, (str, Layout)):
+            return cls(layout=spec, **overrides)
         values = {k: v for k, v in dict(spec or {}).items() if k != "_target_"}
         return cls.from_dict({**values, **overrides})
 
