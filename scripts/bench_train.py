@@ -99,7 +99,7 @@ def build_module(args: argparse.Namespace, device: torch.device, compile_: bool 
                  ) -> PINetModule:
     """A PINetModule on ``device`` with its speed switches applied by ``configure_model``."""
     torch.manual_seed(args.seed)
-    module = PINetModule(layout=args.layout,
+    module = PINetModule(codec=PINetCodec(args.layout, input_size=args.input_size),
                          network={"backbone": args.backbone, "refine_layers": args.refine_layers},
                          channels_last=args.channels_last, compile=compile_)
     module.to(device).train()

@@ -281,7 +281,7 @@ def test_pinet_eval_on_an_empty_split_fails(tmp_path, crowd, tiny_model):
     from pinet_lightning.cli.eval import evaluate
 
     cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", *_custom(crowd, test="no_images.json"),
-                              "codec.input_size=64", "data.num_workers=0",
+                              "input_size=64", "data.num_workers=0",
                               "trainer.accelerator=cpu", f"run_dir={tmp_path / 'e'}",
                               f"paths.output_dir={tmp_path / 'e'}"], "eval")
     with pytest.raises(ValueError, match=r"data\.test: .*no_images\.json has no image to "
@@ -467,7 +467,7 @@ def test_pinet_eval_on_another_layout_gives_a_fix_that_works(tmp_path, tiny_mode
     data = ["data=custom", *[f"data.{s}.{k}={coco / v}" for s in ("train", "val", "test")
                              for k, v in (("images", "images"),
                                           ("annotations", "annotations.json"))],
-            "codec.input_size=64", "data.num_workers=0"]
+            "input_size=64", "data.num_workers=0"]
     base = [f"ckpt_path={tiny_model}", "trainer.accelerator=cpu"]
     # before: "choose ... with the top-level override layout=coco", which pinet-eval ignores
     with pytest.raises(ValueError, match=r"17 keypoints, but the checkpoint .* layout "

@@ -197,7 +197,7 @@ def test_dataset_pipeline_dense_and_sparse_give_the_same_losses(tmp_path):
     sparse_loss = criterion(_outputs(dense_batch), sparse_batch, net)
     for key in ("loss", "heatmap", "offset", "refine"):
         torch.testing.assert_close(sparse_loss[key], dense_loss[key], rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="sparse_targets"):
+    with pytest.raises(ValueError, match="the batch format is codec.sparse"):
         PINetDataModule(codec=PINetCodec(targets={"offsets_format": "dense"}), synthetic=synthetic)
 
 
