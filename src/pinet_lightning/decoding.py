@@ -29,6 +29,7 @@ of all scales resized to the largest scale's map and averaged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,8 +55,12 @@ __all__ = [
     "decode_scale",
     "score_scales",
     "decode_outputs",
+    "cells_to_input",
+    "input_to_image",
     "cells_to_image",
     "fuse_batch",
+    "decode_images",
+    "fuse_candidates",
     "predict_poses",
 ]
 
@@ -338,14 +343,12 @@ def decode_outputs(outputs: Mapping[str, Tensor], layout: Layout | str,
             "part": sc.part, "heatmaps": sc.heatmaps, "part_heatmaps": sc.part_heatmaps}
 
 
-def cells_to_image(poses: Tensor, back_transforms: Tensor,
-                   convention: str | Convention | None = None, stride: int = 4,
+def cells_to_input(poses: Tensor, convention: str | Convention | None = None, stride: int = 4,
                    input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
-    """Output cells -> network-input pixels (the convention's mapping) -> original pixels.
+    """Output cells -> network-input pixels (the convention's mapping; extra columns kept).
 
     Args:
-        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
-        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
+        poses: (..., 2+) with x, y in output cells.
         input_scale: (sx, sy) = base input size / this scale's input size (multi-scale);
             pixel centers stay aligned: x_base = (x + 0.5) * sx - 0.5.
     """
@@ -353,9 +356,30 @@ def cells_to_image(poses: Tensor, back_transforms: Tensor,
     if input_scale != (1.0, 1.0):
         scale = xy.new_tensor(input_scale)
         xy = (xy + 0.5) * scale - 0.5
+    return torch.cat([xy, poses[..., 2:]], -1)
+
+
+def input_to_image(poses: Tensor, back_transforms: Tensor) -> Tensor:
+    """Network-input pixels -> original pixels: poses (B, N, K, 2+) (extra columns kept),
+    ``back_transforms`` (B, 2, 3) affine."""
     a = back_transforms.to(device=poses.device, dtype=torch.float32)
-    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], xy) + a[:, None, None, :, 2]
+    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], poses[..., :2]) + a[:, None, None, :, 2]
     return torch.cat([mapped, poses[..., 2:]], -1)
+
+
+def cells_to_image(poses: Tensor, back_transforms: Tensor,
+                   convention: str | Convention | None = None, stride: int = 4,
+                   input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """Output cells -> network-input pixels (:func:`cells_to_input`) -> original pixels
+    (:func:`input_to_image`).
+
+    Args:
+        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
+        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
+        input_scale: as for :func:`cells_to_input`.
+    """
+    return input_to_image(cells_to_input(poses, convention, stride, input_scale),
+                          back_transforms)
 
 
 def fuse_batch(poses: Tensor, valid: Tensor, sigmas: Sequence[float],
@@ -416,6 +440,68 @@ def _resize_input(images: Tensor, scale: float, multiple: int) -> Tensor:
     return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
 
 
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off while it is on (decoding arithmetic stays float32); nothing otherwise, so
+    that graph exporters see no autocast region."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def decode_images(net: Any, images: Tensor, layout: Layout, cfg: DecodeConfig
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything before pose fusion, on fixed-size tensors: the network on the images (and
+    their mirror), peaks, coarse poses, refinement, flip merge, multi-scale and scores.
+
+    Both inference paths run it: :func:`predict_poses` (PyTorch) and the exported ONNX graph
+    (:mod:`pinet_lightning.export`), which is this function traced. Runs under the caller's
+    grad mode and autocast (the network and refine under autocast, the decoding in float32).
+
+    Args:
+        net: as for :func:`predict_poses`, on the images' device.
+        images: (B, 3, H, W) RGB, uint8 or float in 0..255, network input.
+
+    Returns:
+        candidates (B, N, K, 3): x, y in network-input pixels and the keypoint score; pose
+        scores (B, N); valid (B, N) bool. N = P * top_k per scale.
+    """
+    convention = get_convention(getattr(net, "convention", None))
+    stride = int(getattr(net, "output_stride", 4))
+    device_type = images.device.type
+    refine = getattr(net, "refine", None)
+    refine_fn = _keep_autocast(refine, device_type) if cfg.refine and refine else None
+    base_h, base_w = images.shape[-2:]
+    scales = []
+    for scale in cfg.scales:
+        x = _resize_input(images, scale, cfg.scale_multiple) if scale != 1.0 else images
+        if cfg.flip_test:
+            mirror = convention.mirror(x, stride)
+            batch = torch.cat([x.to(mirror.dtype), mirror])
+        else:
+            batch = x
+        outputs = net(batch)
+        with _full_precision(device_type):
+            input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
+            scales.append(decode_scale(outputs, layout, cfg, refine_fn, cfg.flip_test,
+                                       input_scale))
+        del outputs
+    with _full_precision(device_type):
+        scored = score_scales(scales, convention, stride, cfg.score_threshold)
+        poses = torch.cat([cells_to_input(p, convention, stride, sc.input_scale)
+                           for (p, _, _), sc in zip(scored, scales, strict=True)], 1)
+        scores = torch.cat([s for _, s, _ in scored], 1)
+        valid = torch.cat([v for _, _, v in scored], 1)
+    return poses, scores, valid
+
+
+def fuse_candidates(poses: Tensor, valid: Tensor, back_transforms: Tensor,
+                    sigmas: Sequence[float], cfg: DecodeConfig | None = None,
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """The candidates of :func:`decode_images` (network-input pixels) in original pixels
+    (``back_transforms`` (B, 2, 3)), fused per image (:func:`fuse_batch`)."""
+    return fuse_batch(input_to_image(poses, back_transforms), valid, sigmas, cfg)
+
+
 def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
                   back_transforms: Tensor | np.ndarray,
                   cfg: DecodeConfig | Mapping[str, Any] | None = None,
@@ -437,8 +523,6 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     """
     cfg = DecodeConfig.from_any(cfg)
     layout = get_layout(layout if layout is not None else net.layout)
-    convention = get_convention(getattr(net, "convention", None))
-    stride = int(getattr(net, "output_stride", 4))
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"predict_poses: images must be (B, 3, H, W), got {tuple(images.shape)}")
     back_transforms = torch.as_tensor(np.asarray(back_transforms) if not isinstance(
@@ -449,31 +533,7 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     device = _device_of(net, images.device)
     images = images.to(device, non_blocking=True)
     back_transforms = back_transforms.to(device, non_blocking=True)
-    refine = getattr(net, "refine", None)
-    refine_fn = _keep_autocast(refine, device.type) if cfg.refine and refine else None
-    base_h, base_w = images.shape[-2:]
-    # The network (and refine) run under the caller's autocast, if any; the decoding
-    # arithmetic stays float32 (bf16 would quantize pixel coordinates).
-    full_precision = torch.autocast(device.type, enabled=False)
     with torch.inference_mode():
-        scales = []
-        for scale in cfg.scales:
-            x = _resize_input(images, scale, cfg.scale_multiple) if scale != 1.0 else images
-            if cfg.flip_test:
-                mirror = convention.mirror(x, stride)
-                batch = torch.cat([x.to(mirror.dtype), mirror])
-            else:
-                batch = x
-            outputs = net(batch)
-            with full_precision:
-                input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
-                scales.append(decode_scale(outputs, layout, cfg, refine_fn, cfg.flip_test,
-                                           input_scale))
-            del outputs
-        with full_precision:
-            scored = score_scales(scales, convention, stride, cfg.score_threshold)
-            poses = torch.cat([cells_to_image(p, back_transforms, convention, stride,
-                                              sc.input_scale)
-                               for (p, _, _), sc in zip(scored, scales, strict=True)], 1)
-            valid = torch.cat([v for _, _, v in scored], 1)
-    return fuse_batch(poses, valid, layout.sigmas, cfg)
+        poses, _, valid = decode_images(net, images, layout, cfg)
+        with _full_precision(device.type):
+            return fuse_candidates(poses, valid, back_transforms, layout.sigmas, cfg)
