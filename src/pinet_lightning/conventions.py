@@ -70,6 +70,12 @@ class Convention:
         ``multiple``, float64 2x3 affine from network-input pixels back to the image's)."""
         raise NotImplementedError
 
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inference input of a fixed ``side x side`` size (an exported graph's): the image
+        scaled so its long side is ``side``, placed as ``resize`` places it; (input, 2x3
+        affine back to the image's pixels). A square image gets what ``resize`` gives it."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"Convention({self.name!r})"
 
@@ -98,6 +104,12 @@ class CellCenter(Convention):
     def resize(self, image: np.ndarray, input_size: int,
                multiple: int = 64) -> tuple[np.ndarray, np.ndarray]:
         return inference_resize(image, input_size, multiple)
+
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        # short side side * min / max puts the long side at side; a multiple of side pads
+        # the short one to side (right / bottom, as resize does)
+        return inference_resize(image, side * min(h, w) / max(h, w), multiple=side)
 
 
 class Published(Convention):
@@ -164,18 +176,29 @@ class Published(Convention):
         else:
             out_w, out_h = rounded_up(short / h * w), short
             side = out_w / out_h * h
-        # Three points of the similarity: the centre (rounded half up, as the published code
-        # does), half a side above it, and half a side above-left; float32 like cv2 expects.
-        cx, cy = float(int(w / 2 + 0.5)), float(int(h / 2 + 0.5))
+        return _centred_warp(image, out_w, out_h, side)
 
-        def triangle(x: float, y: float, half: float) -> np.ndarray:
-            return np.array([[x, y], [x, y - half], [x - half, y - half]], dtype=np.float32)
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        return _centred_warp(image, side, side, float(max(image.shape[:2])))
 
-        src = triangle(cx, cy, side * 0.5)
-        dst = triangle(out_w * 0.5, out_h * 0.5, out_w * 0.5)
-        forward = cv2.getAffineTransform(src, dst)
-        resized = cv2.warpAffine(image, forward, (out_w, out_h))
-        return resized, cv2.getAffineTransform(dst, src)
+
+def _centred_warp(image: np.ndarray, out_w: int, out_h: int,
+                  side: float) -> tuple[np.ndarray, np.ndarray]:
+    """The published input warp: the image's centre to the output's, a crop of width ``side``
+    onto ``out_w`` (bilinear, zero border); (warped, 2x3 affine back)."""
+    h, w = image.shape[:2]
+    # Three points of the similarity: the centre (rounded half up, as the published code
+    # does), half a side above it, and half a side above-left; float32 like cv2 expects.
+    cx, cy = float(int(w / 2 + 0.5)), float(int(h / 2 + 0.5))
+
+    def triangle(x: float, y: float, half: float) -> np.ndarray:
+        return np.array([[x, y], [x, y - half], [x - half, y - half]], dtype=np.float32)
+
+    src = triangle(cx, cy, side * 0.5)
+    dst = triangle(out_w * 0.5, out_h * 0.5, out_w * 0.5)
+    forward = cv2.getAffineTransform(src, dst)
+    resized = cv2.warpAffine(image, forward, (out_w, out_h))
+    return resized, cv2.getAffineTransform(dst, src)
 
 
 CONVENTIONS: dict[str, Convention] = {c.name: c for c in (CellCenter(), Published())}
