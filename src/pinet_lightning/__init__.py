@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "to_coco_results": "evaluation",
     "Predictor": "predictor",
     "convert_published": "convert",
+    "export_onnx": "export",
+    "OnnxPINet": "onnx_model",
     "load_network": "checkpoints",
     "Person": "predictor",
     "load_image": "predictor",
@@ -83,6 +85,8 @@ __all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
     "Predictor",
     "Person",
     "convert_published",
+    "export_onnx",
+    "OnnxPINet",
     "load_network",
     "load_image",
     "draw_poses",
@@ -109,11 +113,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from pinet_lightning.datasets import CocoKeypointDataset, dataset_paths
     from pinet_lightning.decoding import DecodeConfig, predict_poses
     from pinet_lightning.evaluation import evaluate_keypoints, to_coco_results
+    from pinet_lightning.export import export_onnx
     from pinet_lightning.fusion import oks_matrix, oks_nms, pose_fusion
     from pinet_lightning.layouts import Layout, available_layouts, get_layout, register_layout
     from pinet_lightning.losses import PINetLoss
     from pinet_lightning.module import PINetModule
     from pinet_lightning.network import PINet, load_model, save_model
+    from pinet_lightning.onnx_model import OnnxPINet
     from pinet_lightning.predictor import Person, Predictor, load_image
     from pinet_lightning.synthetic import generate_synthetic_crowd
     from pinet_lightning.targets import PINetTargetCodec, encode_targets

@@ -25,6 +25,7 @@ from pinet_lightning.conventions import get_convention
 from pinet_lightning.decoding import DecodeConfig, predict_poses
 from pinet_lightning.images import read_image
 from pinet_lightning.layouts import Layout, get_layout
+from pinet_lightning.onnx_model import OnnxPINet
 
 __all__ = ["Person", "Predictor", "load_image"]
 
@@ -70,10 +71,12 @@ class Predictor:
     """Multi-person pose estimation with a trained PINet.
 
     Args:
-        net: a ``PINet``.
+        net: a ``PINet``, or an exported graph (:class:`~pinet_lightning.onnx_model.OnnxPINet`,
+            run by onnxruntime on its own device; ``device`` and ``bf16`` do not apply).
         layout: keypoint layout (default ``net.layout``).
         decode_cfg: ``DecodeConfig`` or a mapping of its fields (the defaults of algorithm.md 5).
-        input_size: short side of the network input (algorithm.md 5.1).
+        input_size: short side of the network input (algorithm.md 5.1); None: 512, or the
+            exported graph's.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).
@@ -84,13 +87,21 @@ class Predictor:
 
     def __init__(self, net: nn.Module, layout: Layout | str | Mapping[str, Any] | None = None,
                  decode_cfg: DecodeConfig | Mapping[str, Any] | None = None,
-                 input_size: int = 512, device: str | torch.device = "auto",
+                 input_size: int | None = None, device: str | torch.device = "auto",
                  batch_size: int = 8, bf16: bool = False, min_score: float | None = None) -> None:
-        self.device = _resolve_device(device)
-        self.net = net.to(self.device).eval()
+        if isinstance(net, OnnxPINet):
+            self.device = net.device
+            self.net: nn.Module | OnnxPINet = net
+        else:
+            self.device = _resolve_device(device)
+            self.net = net.to(self.device).eval()
         self.layout = get_layout(layout if layout is not None else net.layout)
-        self.decode_cfg = DecodeConfig.from_any(decode_cfg)
-        self.input_size = int(input_size)
+        if isinstance(net, OnnxPINet):  # its decoding and size are fixed in the graph
+            self.decode_cfg = net.decode_config(decode_cfg)
+            self.input_size = net.check_input_size(input_size)
+        else:
+            self.decode_cfg = DecodeConfig.from_any(decode_cfg)
+            self.input_size = int(input_size or 512)
         self.batch_size = max(1, int(batch_size))
         self.bf16 = bf16
         self.min_score = None if min_score is None else float(min_score)
@@ -102,7 +113,11 @@ class Predictor:
                         **decode_overrides: Any) -> Predictor:
         """Load any network file :func:`pinet_lightning.checkpoints.load_network` reads: a
         ``model.pt`` (training's, or ``pinet-convert``'s from the published weights), a
-        Lightning checkpoint of ``PINetModule``, or the published weights themselves.
+        Lightning checkpoint of ``PINetModule``, or the published weights themselves; or an
+        ``.onnx`` graph written by ``pinet-export`` (run by onnxruntime, CPU by default, CUDA
+        when onnxruntime-gpu and a GPU are there; its decoding and input size are those it was
+        exported with: only pose fusion's settings, ``oks_threshold`` and ``max_people``,
+        may be overridden).
 
         Decoding settings come from the file (its ``decode`` settings), then
         ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``); the cell/
@@ -114,6 +129,11 @@ class Predictor:
         """
         from pinet_lightning.checkpoints import load_network
 
+        if Path(path).suffix.lower() == ".onnx":
+            graph = OnnxPINet(path, device=device)
+            return cls(graph, decode_cfg=graph.decode_config(**decode_overrides),
+                       input_size=graph.check_input_size(input_size), min_score=min_score,
+                       batch_size=batch_size)
         loaded = load_network(path, trust_checkpoint=trust_checkpoint)
         known = set(DecodeConfig.__dataclass_fields__)
         decode = {k: v for k, v in loaded.decode.items() if k in known}
@@ -136,9 +156,10 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[list[Person]]:
         """People in each RGB uint8 image."""
+        graph = self.net if isinstance(self.net, OnnxPINet) else None
         convention = get_convention(getattr(self.net, "convention", None))
-        prepared = [convention.resize(im, self.input_size, self.decode_cfg.scale_multiple)
-                    for im in images]
+        resize = graph.resize if graph is not None else convention.resize
+        prepared = [resize(im, self.input_size, self.decode_cfg.scale_multiple) for im in images]
         results: list[list[Person] | None] = [None] * len(images)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, (resized, _) in enumerate(prepared):
@@ -151,8 +172,12 @@ class Predictor:
                 back = torch.from_numpy(np.stack([prepared[i][1] for i in chunk])).float()
                 amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                        else contextlib.nullcontext())
-                with amp:
-                    decoded = predict_poses(self.net, batch, self.layout, back, self.decode_cfg)
+                if graph is not None:  # the same fusion, on the graph's candidates
+                    decoded = graph.predict_poses(batch, back, self.decode_cfg)
+                else:
+                    with amp:
+                        decoded = predict_poses(self.net, batch, self.layout, back,
+                                                self.decode_cfg)
                 for i, (poses, scores) in zip(chunk, decoded, strict=True):
                     results[i] = [Person(keypoints=p.numpy(), score=float(s))
                                   for p, s in zip(poses, scores, strict=True)
