@@ -147,8 +147,8 @@ def _load_predictor(cfg: DictConfig, source: Path) -> Predictor:
                                    batch_size=int(cfg.get("batch_size", 1)),
                                    trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
                                    **decode)
-    log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
-             predictor.device)
+    log.info("predicting on %s with input size %d on %s (%s)", source, predictor.input_size,
+             predictor.device, "onnxruntime" if hasattr(predictor.net, "session") else "PyTorch")
     return predictor
 
 
