@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate_keypoints": "evaluation.coco",
     "to_coco_results": "evaluation.coco",
     "Predictor": "inference.predictor",
+    "export_onnx": "inference.export",
+    "OnnxPINet": "inference.onnx_model",
     "convert_published": "model.checkpoints",
     "load_network": "model.checkpoints",
     "Person": "inference.predictor",
@@ -83,6 +85,8 @@ __all__ = [  # literal, so linters see the TYPE_CHECKING imports as re-exports
     "Predictor",
     "Person",
     "convert_published",
+    "export_onnx",
+    "OnnxPINet",
     "load_network",
     "load_image",
     "draw_poses",
@@ -111,7 +115,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from pinet_lightning.data.synthetic import generate_synthetic_crowd
     from pinet_lightning.evaluation.coco import evaluate_keypoints, to_coco_results
     from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
+    from pinet_lightning.inference.export import export_onnx
     from pinet_lightning.inference.fusion import oks_matrix, oks_nms, pose_fusion
+    from pinet_lightning.inference.onnx_model import OnnxPINet
     from pinet_lightning.inference.predictor import Person, Predictor, load_image
     from pinet_lightning.inference.visualize import draw_poses
     from pinet_lightning.model.checkpoints import (

@@ -1,6 +1,11 @@
 """``pinet-predict``: poses on a folder of images or a video (``conf/predict.yaml``).
 
-    pinet-predict ckpt_path=<.ckpt or model.pt> input=<folder | image | video> output_dir=<dir>
+    pinet-predict ckpt_path=<.ckpt | model.pt | .onnx> input=<folder | image | video> \
+        output_dir=<dir>
+
+An ``.onnx`` graph (``pinet-export``) runs with onnxruntime; its decoding is fixed in the graph,
+so only the ``decode.*`` settings given on the command line reach it (one the graph cannot
+change is an error naming it).
 
 An image that cannot be read (missing, a folder named like an image, truncated, corrupt) is
 skipped with a warning; the run goes on and lists them at the end (``unreadable.json``).
@@ -25,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pinet_lightning.cli.config import run_hydra
 from pinet_lightning.cli.run import load_inference_net, save_config, setup_threads
 from pinet_lightning.core.atomic import write_json
 from pinet_lightning.core.config import to_plain
+from pinet_lightning.inference.decoding import DecodeConfig
 from pinet_lightning.inference.predictor import load_image
 from pinet_lightning.inference.visualize import draw_poses, save_image
 
@@ -38,7 +45,7 @@ if TYPE_CHECKING:
     from pinet_lightning.core.layouts import Layout
     from pinet_lightning.inference.predictor import Person, Predictor
 
-__all__ = ["main", "predict", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+__all__ = ["main", "predict", "graph_decode_overrides", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
 
 log = logging.getLogger("pinet_lightning.predict")
 
@@ -130,15 +137,36 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 def _load_predictor(cfg: DictConfig, source: Path) -> Predictor:
     """The predictor for ``cfg.ckpt_path`` with the run's device, size, batch and decoding."""
+    decode = to_plain(cfg.decode)
+    if Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx":
+        decode = graph_decode_overrides(decode, _command_line())
     # input_size null: the codec the checkpoint records (its input size)
     predictor = load_inference_net(cfg.ckpt_path, device=str(cfg.get("device", "auto")),
                                    input_size=cfg.get("input_size"),
                                    batch_size=int(cfg.get("batch_size", 1)),
                                    trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
-                                   **to_plain(cfg.decode))
-    log.info("predicting on %s with input size %d on %s", source, predictor.input_size,
-             predictor.device)
+                                   **decode)
+    log.info("predicting on %s with input size %d on %s (%s)", source, predictor.input_size,
+             predictor.device, "onnxruntime" if hasattr(predictor.net, "session") else "PyTorch")
     return predictor
+
+
+def _command_line() -> list[str] | None:
+    """The run's command-line overrides, None outside a Hydra run (a composed config)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def graph_decode_overrides(decode: dict[str, Any],
+                           command_line: list[str] | None) -> dict[str, Any]:
+    """The ``decode.*`` settings meant for an exported graph, which keeps its own for the
+    others: those named on the command line, or without one (a composed config) those that
+    differ from ``DecodeConfig``'s defaults."""
+    given = DecodeConfig.from_any(decode).to_dict()
+    if command_line is not None:
+        named = {o.split("=", 1)[0].lstrip("+~") for o in command_line}
+        return {k: v for k, v in given.items() if f"decode.{k}" in named}
+    defaults = DecodeConfig().to_dict()
+    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def _run_predictor(predictor: Predictor, items: Iterator[Item], outputs: _Outputs) -> None:

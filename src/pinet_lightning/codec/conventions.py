@@ -35,7 +35,7 @@ from pinet_lightning.core.images import inference_resize
 from pinet_lightning.core.sampling import sample_maps
 
 __all__ = ["Convention", "CellCenter", "Published", "get_convention", "CONVENTIONS",
-           "cells_to_image"]
+           "cells_to_input", "input_to_image", "cells_to_image"]
 
 
 class Convention:
@@ -72,6 +72,12 @@ class Convention:
         ``multiple``, float64 2x3 affine from network-input pixels back to the image's)."""
         raise NotImplementedError
 
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inference input of a fixed ``side x side`` size (an exported graph's): the image
+        scaled so its long side is ``side``, placed as ``resize`` places it; (input, 2x3
+        affine back to the image's pixels). A square image gets what ``resize`` gives it."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"Convention({self.name!r})"
 
@@ -100,6 +106,12 @@ class CellCenter(Convention):
     def resize(self, image: np.ndarray, input_size: int,
                multiple: int = 64) -> tuple[np.ndarray, np.ndarray]:
         return inference_resize(image, input_size, multiple)
+
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        # short side side * min / max puts the long side at side; a multiple of side pads
+        # the short one to side (right / bottom, as resize does)
+        return inference_resize(image, side * min(h, w) / max(h, w), multiple=side)
 
 
 class Published(Convention):
@@ -164,18 +176,29 @@ class Published(Convention):
         else:
             out_w, out_h = rounded_up(short / h * w), short
             side = out_w / out_h * h
-        # Three points of the similarity: the centre (rounded half up, as the published code
-        # does), half a side above it, and half a side above-left; float32 like cv2 expects.
-        cx, cy = float(int(w / 2 + 0.5)), float(int(h / 2 + 0.5))
+        return _centred_warp(image, out_w, out_h, side)
 
-        def triangle(x: float, y: float, half: float) -> np.ndarray:
-            return np.array([[x, y], [x, y - half], [x - half, y - half]], dtype=np.float32)
+    def fit(self, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+        return _centred_warp(image, side, side, float(max(image.shape[:2])))
 
-        src = triangle(cx, cy, side * 0.5)
-        dst = triangle(out_w * 0.5, out_h * 0.5, out_w * 0.5)
-        forward = cv2.getAffineTransform(src, dst)
-        resized = cv2.warpAffine(image, forward, (out_w, out_h))
-        return resized, cv2.getAffineTransform(dst, src)
+
+def _centred_warp(image: np.ndarray, out_w: int, out_h: int,
+                  side: float) -> tuple[np.ndarray, np.ndarray]:
+    """The published input warp: the image's centre to the output's, a crop of width ``side``
+    onto ``out_w`` (bilinear, zero border); (warped, 2x3 affine back)."""
+    h, w = image.shape[:2]
+    # Three points of the similarity: the centre (rounded half up, as the published code
+    # does), half a side above it, and half a side above-left; float32 like cv2 expects.
+    cx, cy = float(int(w / 2 + 0.5)), float(int(h / 2 + 0.5))
+
+    def triangle(x: float, y: float, half: float) -> np.ndarray:
+        return np.array([[x, y], [x, y - half], [x - half, y - half]], dtype=np.float32)
+
+    src = triangle(cx, cy, side * 0.5)
+    dst = triangle(out_w * 0.5, out_h * 0.5, out_w * 0.5)
+    forward = cv2.getAffineTransform(src, dst)
+    resized = cv2.warpAffine(image, forward, (out_w, out_h))
+    return resized, cv2.getAffineTransform(dst, src)
 
 
 CONVENTIONS: dict[str, Convention] = {c.name: c for c in (CellCenter(), Published())}
@@ -193,14 +216,12 @@ def get_convention(spec: str | Convention | None) -> Convention:
         raise ValueError(f"unknown convention '{spec}'; known: {sorted(CONVENTIONS)}") from None
 
 
-def cells_to_image(poses: Tensor, back_transforms: Tensor,
-                   convention: str | Convention | None = None, stride: int = 4,
+def cells_to_input(poses: Tensor, convention: str | Convention | None = None, stride: int = 4,
                    input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
-    """Output cells -> network-input pixels (the convention's mapping) -> original pixels.
+    """Output cells -> network-input pixels (the convention's mapping; extra columns kept).
 
     Args:
-        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
-        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
+        poses: (..., 2+) with x, y in output cells.
         input_scale: (sx, sy) = base input size / this scale's input size (multi-scale);
             pixel centers stay aligned: x_base = (x + 0.5) * sx - 0.5.
     """
@@ -208,6 +229,27 @@ def cells_to_image(poses: Tensor, back_transforms: Tensor,
     if input_scale != (1.0, 1.0):
         scale = xy.new_tensor(input_scale)
         xy = (xy + 0.5) * scale - 0.5
+    return torch.cat([xy, poses[..., 2:]], -1)
+
+
+def input_to_image(poses: Tensor, back_transforms: Tensor) -> Tensor:
+    """Network-input pixels -> original pixels: poses (B, N, K, 2+) (extra columns kept),
+    ``back_transforms`` (B, 2, 3) affine."""
     a = back_transforms.to(device=poses.device, dtype=torch.float32)
-    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], xy) + a[:, None, None, :, 2]
+    mapped = torch.einsum("bij,bnkj->bnki", a[:, :, :2], poses[..., :2]) + a[:, None, None, :, 2]
     return torch.cat([mapped, poses[..., 2:]], -1)
+
+
+def cells_to_image(poses: Tensor, back_transforms: Tensor,
+                   convention: str | Convention | None = None, stride: int = 4,
+                   input_scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """Output cells -> network-input pixels (:func:`cells_to_input`) -> original pixels
+    (:func:`input_to_image`).
+
+    Args:
+        poses: (B, N, K, 2+) with x, y in output cells (extra columns kept).
+        back_transforms: (B, 2, 3) affine, network-input pixels -> original pixels.
+        input_scale: as for :func:`cells_to_input`.
+    """
+    return input_to_image(cells_to_input(poses, convention, stride, input_scale),
+                          back_transforms)

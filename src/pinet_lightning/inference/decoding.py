@@ -29,6 +29,7 @@ of all scales resized to the largest scale's map and averaged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,7 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pinet_lightning.codec.conventions import Convention, cells_to_image, get_convention
+from pinet_lightning.codec.conventions import (
+    Convention,
+    cells_to_input,
+    get_convention,
+    input_to_image,
+)
 from pinet_lightning.core.layouts import Layout, get_layout
 from pinet_lightning.core.sampling import sample_maps
 from pinet_lightning.inference.fusion import pose_fusion
@@ -55,6 +61,8 @@ __all__ = [
     "score_scales",
     "decode_outputs",
     "fuse_batch",
+    "decode_images",
+    "fuse_candidates",
     "predict_poses",
 ]
 
@@ -401,6 +409,69 @@ def _resize_input(images: Tensor, scale: float, multiple: int) -> Tensor:
     return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
 
 
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off while it is on (decoding arithmetic stays float32); nothing otherwise, so
+    that graph exporters see no autocast region."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def decode_images(net: Any, images: Tensor, layout: Layout, cfg: DecodeConfig
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything before pose fusion, on fixed-size tensors: the network on the images (and
+    their mirror), peaks, coarse poses, refinement, flip merge, multi-scale and scores.
+
+    Both inference paths run it: :func:`predict_poses` (PyTorch) and the exported ONNX graph
+    (:mod:`pinet_lightning.inference.export`), which is this function traced. Runs under the
+    caller's grad mode and autocast (the network and refine under autocast, the decoding in
+    float32).
+
+    Args:
+        net: as for :func:`predict_poses`, on the images' device.
+        images: (B, 3, H, W) RGB, uint8 or float in 0..255, network input.
+
+    Returns:
+        candidates (B, N, K, 3): x, y in network-input pixels and the keypoint score; pose
+        scores (B, N); valid (B, N) bool. N = P * top_k per scale.
+    """
+    convention = get_convention(getattr(net, "convention", None))
+    stride = int(getattr(net, "output_stride", 4))
+    device_type = images.device.type
+    refine = getattr(net, "refine", None)
+    refine_fn = _keep_autocast(refine, device_type) if cfg.refine and refine else None
+    base_h, base_w = images.shape[-2:]
+    scales = []
+    for scale in cfg.scales:
+        x = _resize_input(images, scale, cfg.scale_multiple) if scale != 1.0 else images
+        if cfg.flip_test:
+            mirror = convention.mirror(x, stride)
+            batch = torch.cat([x.to(mirror.dtype), mirror])
+        else:
+            batch = x
+        outputs = net(batch)
+        with _full_precision(device_type):
+            input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
+            scales.append(decode_scale(outputs, layout, cfg, refine_fn, cfg.flip_test,
+                                       input_scale))
+        del outputs
+    with _full_precision(device_type):
+        scored = score_scales(scales, convention, stride, cfg.score_threshold)
+        poses = torch.cat([cells_to_input(p, convention, stride, sc.input_scale)
+                           for (p, _, _), sc in zip(scored, scales, strict=True)], 1)
+        scores = torch.cat([s for _, s, _ in scored], 1)
+        valid = torch.cat([v for _, _, v in scored], 1)
+    return poses, scores, valid
+
+
+def fuse_candidates(poses: Tensor, valid: Tensor, back_transforms: Tensor,
+                    sigmas: Sequence[float], cfg: DecodeConfig | None = None,
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """The candidates of :func:`decode_images` (network-input pixels) in original pixels
+    (``back_transforms`` (B, 2, 3)), fused per image (:func:`fuse_batch`)."""
+    return fuse_batch(input_to_image(poses, back_transforms), valid, sigmas, cfg)
+
+
 def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
                   back_transforms: Tensor | np.ndarray,
                   cfg: DecodeConfig | Mapping[str, Any] | None = None,
@@ -422,8 +493,6 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     """
     cfg = DecodeConfig.from_any(cfg)
     layout = get_layout(layout if layout is not None else net.layout)
-    convention = get_convention(getattr(net, "convention", None))
-    stride = int(getattr(net, "output_stride", 4))
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"predict_poses: images must be (B, 3, H, W), got {tuple(images.shape)}")
     back_transforms = torch.as_tensor(np.asarray(back_transforms) if not isinstance(
@@ -434,31 +503,7 @@ def predict_poses(net: Any, images: Tensor, layout: Layout | str | None,
     device = _device_of(net, images.device)
     images = images.to(device, non_blocking=True)
     back_transforms = back_transforms.to(device, non_blocking=True)
-    refine = getattr(net, "refine", None)
-    refine_fn = _keep_autocast(refine, device.type) if cfg.refine and refine else None
-    base_h, base_w = images.shape[-2:]
-    # The network (and refine) run under the caller's autocast, if any; the decoding
-    # arithmetic stays float32 (bf16 would quantize pixel coordinates).
-    full_precision = torch.autocast(device.type, enabled=False)
     with torch.inference_mode():
-        scales = []
-        for scale in cfg.scales:
-            x = _resize_input(images, scale, cfg.scale_multiple) if scale != 1.0 else images
-            if cfg.flip_test:
-                mirror = convention.mirror(x, stride)
-                batch = torch.cat([x.to(mirror.dtype), mirror])
-            else:
-                batch = x
-            outputs = net(batch)
-            with full_precision:
-                input_scale = (base_w / x.shape[-1], base_h / x.shape[-2])
-                scales.append(decode_scale(outputs, layout, cfg, refine_fn, cfg.flip_test,
-                                           input_scale))
-            del outputs
-        with full_precision:
-            scored = score_scales(scales, convention, stride, cfg.score_threshold)
-            poses = torch.cat([cells_to_image(p, back_transforms, convention, stride,
-                                              sc.input_scale)
-                               for (p, _, _), sc in zip(scored, scales, strict=True)], 1)
-            valid = torch.cat([v for _, _, v in scored], 1)
-    return fuse_batch(poses, valid, layout.sigmas, cfg)
+        poses, _, valid = decode_images(net, images, layout, cfg)
+        with _full_precision(device.type):
+            return fuse_candidates(poses, valid, back_transforms, layout.sigmas, cfg)

@@ -25,6 +25,7 @@ from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.images import read_image
 from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
+from pinet_lightning.inference.onnx_model import OnnxPINet
 from pinet_lightning.model.checkpoints import load_network
 
 __all__ = ["Person", "Predictor", "load_image"]
@@ -75,13 +76,17 @@ class Predictor:
     """Multi-person pose estimation with a trained PINet.
 
     Args:
-        net: a ``PINet``.
+        net: a ``PINet``, or an exported graph
+            (:class:`~pinet_lightning.inference.onnx_model.OnnxPINet`, run by onnxruntime on
+            its own device; ``device`` and ``bf16`` do not apply).
         codec: the frame the network was trained in
             (:class:`~pinet_lightning.codec.codec.PINetCodec` or a mapping of its fields):
             its layout, input size (the short side of the network input, algorithm.md 5.1)
-            and convention. None: the network's layout and convention at input 512.
+            and convention. None: the network's layout and convention at input 512 (an
+            exported graph: the codec it records).
         decode_cfg: ``DecodeConfig`` or a mapping of its fields (the defaults of algorithm.md 5).
-        input_size: replaces the codec's input size (None: keep it).
+        input_size: replaces the codec's input size (None: keep it; an exported graph takes
+            only its own).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
         batch_size: images of one resized size decoded together.
         bf16: run the network under bfloat16 autocast (CUDA).
@@ -95,16 +100,25 @@ class Predictor:
                  input_size: int | None = None, device: str | torch.device = "auto",
                  batch_size: int = 8, bf16: bool = False, min_score: float | None = None
                  ) -> None:
-        self.device = _resolve_device(device)
-        self.net = net.to(self.device).eval()
-        if codec is None:
-            codec = PINetCodec(net.layout, convention=get_convention(
-                getattr(net, "convention", None)).name)
-        overrides = {} if input_size is None else {"input_size": int(input_size)}
-        self.codec = PINetCodec.from_any(codec, **overrides)
-        self.codec.check_network(net)
+        self.graph = net if isinstance(net, OnnxPINet) else None
+        if self.graph is not None:  # its frame, decoding and size are fixed in the graph
+            self.device = self.graph.device
+            self.net: nn.Module | OnnxPINet = self.graph
+            self.codec = PINetCodec.from_any(
+                self.graph.codec if codec is None else codec,
+                input_size=self.graph.check_input_size(input_size))
+            self.decode_cfg = self.graph.decode_config(decode_cfg)
+        else:
+            self.device = _resolve_device(device)
+            self.net = net.to(self.device).eval()
+            if codec is None:
+                codec = PINetCodec(net.layout, convention=get_convention(
+                    getattr(net, "convention", None)).name)
+            overrides = {} if input_size is None else {"input_size": int(input_size)}
+            self.codec = PINetCodec.from_any(codec, **overrides)
+            self.decode_cfg = DecodeConfig.from_any(decode_cfg)
+        self.codec.check_network(self.net)
         self.layout = self.codec.layout
-        self.decode_cfg = DecodeConfig.from_any(decode_cfg)
         self.batch_size = max(1, int(batch_size))
         self.bf16 = bf16
         self.min_score = None if min_score is None else float(min_score)
@@ -116,7 +130,11 @@ class Predictor:
                         **decode_overrides: Any) -> Predictor:
         """Load any network file :func:`pinet_lightning.model.checkpoints.load_network` reads: a
         ``model.pt`` (training's, or ``pinet-convert``'s from the published weights), a
-        Lightning checkpoint of ``PINetModule``, or the published weights themselves.
+        Lightning checkpoint of ``PINetModule``, or the published weights themselves; or an
+        ``.onnx`` graph written by ``pinet-export`` (run by onnxruntime, CPU by default, CUDA
+        when onnxruntime-gpu and a GPU are there; its decoding and input size are those it was
+        exported with: only pose fusion's settings, ``oks_threshold`` and ``max_people``,
+        may be overridden).
 
         Decoding settings come from the file (its ``decode`` settings), then
         ``decode_overrides`` (any ``DecodeConfig`` field, e.g. ``flip_test=False``). The frame
@@ -126,6 +144,10 @@ class Predictor:
         its input size. The file is read safely: ``trust_checkpoint=True`` allows one that
         needs the full unpickler (it can run code).
         """
+        if Path(path).suffix.lower() == ".onnx":
+            graph = OnnxPINet(path, device=device)
+            return cls(graph, decode_cfg=graph.decode_config(**decode_overrides),
+                       input_size=input_size, min_score=min_score, batch_size=batch_size)
         loaded = load_network(path, trust_checkpoint=trust_checkpoint)
         known = set(DecodeConfig.__dataclass_fields__)
         decode = {k: v for k, v in loaded.decode.items() if k in known}
@@ -152,7 +174,11 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[list[Person]]:
         """People in each RGB uint8 image."""
-        prepared = [self.codec.resize(im, self.decode_cfg.scale_multiple) for im in images]
+        if self.graph is not None:  # fitted into the graph's S x S when not already that
+            prepared = [self.graph.resize(im, None, self.decode_cfg.scale_multiple)
+                        for im in images]
+        else:
+            prepared = [self.codec.resize(im, self.decode_cfg.scale_multiple) for im in images]
         results: list[list[Person] | None] = [None] * len(images)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, (resized, _) in enumerate(prepared):
@@ -165,8 +191,12 @@ class Predictor:
                 back = torch.from_numpy(np.stack([prepared[i][1] for i in chunk])).float()
                 amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                        else contextlib.nullcontext())
-                with amp:
-                    decoded = predict_poses(self.net, batch, self.layout, back, self.decode_cfg)
+                if self.graph is not None:  # the same fusion, on the graph's candidates
+                    decoded = self.graph.predict_poses(batch, back, self.decode_cfg)
+                else:
+                    with amp:
+                        decoded = predict_poses(self.net, batch, self.layout, back,
+                                                self.decode_cfg)
                 for i, (poses, scores) in zip(chunk, decoded, strict=True):
                     results[i] = [Person(keypoints=p.numpy(), score=float(s))
                                   for p, s in zip(poses, scores, strict=True)
