@@ -289,10 +289,14 @@ def sync_piece(args: argparse.Namespace) -> None:
 
     # one Predictor call, split around pose fusion
     infer_size = 256 if args.quick else 512
-    net = PlantedPeaks(module.net.eval()).to(device)
-    predictor = Predictor(net, input_size=infer_size, device=device, bf16=True)
     images = [np.random.default_rng(0).integers(0, 256, (int(infer_size * 1.5),
                                                          infer_size * 2, 3), dtype=np.uint8)]
+    resized, _ = PINetCodec.from_any(module.codec, input_size=infer_size).resize(images[0])
+    stride = module.net.output_stride
+    net = PlantedPeaks(module.net.eval(), (resized.shape[0] // stride,
+                                           resized.shape[1] // stride)).to(device)
+    predictor = Predictor(net, codec=module.codec, input_size=infer_size, device=device,
+                          bf16=True)
     predictor.predict(images)  # warm-up
     original = decoding.fuse_batch
     with Syncs(device) as syncs:
