@@ -19,9 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+from pycocotools.coco import COCO
 
 from pinet_lightning.core.annotations import validate_coco_keypoints
+from pinet_lightning.data.datasets import check_image_files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "crowdpose_val.json"
 
@@ -73,8 +76,6 @@ def main() -> None:
     print(f"synthetic dict ({args.images} images, {args.annotations} annotations, K=17): "
           f"validation {t:.2f} s")
 
-    from pycocotools.coco import COCO
-
     def index() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO()
@@ -84,9 +85,6 @@ def main() -> None:
     print(f"  for scale, pycocotools createIndex of the same dict: "
           f"{timed(index, args.repeat):.2f} s")
 
-    import cv2
-
-    from pinet_lightning.data.datasets import check_image_files
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

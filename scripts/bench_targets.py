@@ -28,11 +28,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.targets import PINetTargetCodec, encode_targets
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.core.people import is_person
+from pinet_lightning.data.datasets import CocoKeypointDataset
+from pinet_lightning.data.synthetic import generate_synthetic_crowd
 
 PUBLISHED_MS = 40.0  # the published implementation, per sample (loop-based target code)
 BAR_MS = 2.0
@@ -120,15 +124,6 @@ def bench_encode(path: Path, count: int, repeat: int) -> float:
 
 
 def bench_worker(num_images: int, passes: int) -> None:
-    try:
-        import torch
-        from torch.utils.data import DataLoader
-
-        from pinet_lightning.data.datasets import CocoKeypointDataset
-        from pinet_lightning.data.synthetic import generate_synthetic_crowd
-    except ImportError as exc:  # the data modules are written in parallel to this script
-        print(f"loader worker: skipped, {exc} (needs pinet_lightning.data.datasets and .synthetic)")
-        return
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -192,7 +187,6 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="passes over synthetic images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 at most here)")
     args = parser.parse_args()
-    import torch
 
     torch.set_num_threads(max(1, min(args.threads, 2)))
     if not args.annotations.is_file():

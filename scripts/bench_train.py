@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from torch import Tensor, nn
 
 from pinet_lightning.codec.batch import train_collate
@@ -76,7 +77,6 @@ def build_batch(layout: str, batch_size: int, input_size: int, device: torch.dev
 def precision_context(precision: str, device: torch.device
                       ) -> Callable[[], contextlib.AbstractContextManager]:
     """Lightning's own training-step context for ``precision`` (autocast for bf16-mixed)."""
-    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 
     plugin = (MixedPrecision("bf16-mixed", device.type) if precision == "bf16-mixed"
               else Precision())

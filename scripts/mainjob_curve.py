@@ -28,24 +28,33 @@ limits it").
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
 import resource
+import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import pinet_lightning.cli  # noqa: F401  (before torch: OMP_WAIT_POLICY as the commands set it)
+from pinet_lightning.codec.batch import heatmap_targets, train_collate
+from pinet_lightning.core.layouts import get_layout
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # ------------------------------------------------------------------ profile
 def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=["paths.output_dir=/tmp/mainjob_profile",
@@ -73,10 +82,6 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
     without the refine term (forward, heatmap and offset losses, backward, Adam); so
     ``refine`` = step - no_refine is the Pose Refinement's share (proposal sampling, PR
     forward and backward, its loss); ``forward`` = the network forward alone (no grad)."""
-    import torch
-    from hydra.utils import instantiate
-
-    from pinet_lightning.codec.batch import heatmap_targets, train_collate
 
     cfg = _compose(overrides)
     dm = instantiate(cfg.data, _convert_="all")
@@ -121,8 +126,6 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
         with torch.no_grad():
             module.net(batch["image"])
 
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*reference is not registered.*")
     warnings.filterwarnings("ignore", message=".*self.log.*")
     result = {"data": _time(load, 1, steps), "step": _time(step, warmup, steps),
@@ -134,9 +137,6 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    import itertools
-
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,7 +245,6 @@ def _test_annotations(cfg: dict) -> Path:
 
 
 def cmd_errors(args: argparse.Namespace) -> None:
-    from pinet_lightning.core.layouts import get_layout
 
     run = Path(args.run_dir)
     cfg = _read_config(run)
@@ -277,7 +276,6 @@ def cmd_errors(args: argparse.Namespace) -> None:
 
 
 def _read_config(run: Path) -> dict:
-    from omegaconf import OmegaConf
 
     path = run / "config.yaml"
     if not path.is_file():
@@ -298,8 +296,6 @@ def _last_results(run: Path, stage: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> None:
     """``pinet-train run_dir=<root>/<name> <overrides>``, its output in ``<root>/<name>.log``,
     the wall time and the load averages before and after in ``<root>/<name>/load.txt``."""
-    import subprocess
-    import sys
 
     run = Path(args.root) / args.name
     if (run / "metrics.json").exists():

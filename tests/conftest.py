@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pinet_lightning.data.synthetic import generate_synthetic_crowd
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # 2 threads by default; scripts/mutation.py runs two workers of one thread each
@@ -26,7 +28,6 @@ def crowdpose_val_json() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_crowd(tmp_path_factory) -> tuple[Path, Path]:
     """8 synthetic 256x256 CrowdPose-layout images: (images dir, annotation json)."""
-    from pinet_lightning.data.synthetic import generate_synthetic_crowd
 
     root = tmp_path_factory.mktemp("synthetic")
     ann = generate_synthetic_crowd(root, num_images=8, image_size=256, min_people=2,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pinet_lightning
+from pinet_lightning import PINet, Predictor, get_layout, load_model, save_model
 
 
 def test_every_exported_name_resolves():
@@ -34,7 +35,6 @@ def test_import_does_not_load_torch():
 
 
 def test_build_save_load_predict_without_hydra(tmp_path):
-    from pinet_lightning import PINet, Predictor, get_layout, load_model, save_model
 
     layout = get_layout("crowdpose")
     net = PINet(layout, backbone="hrnet_w18_small")

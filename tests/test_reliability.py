@@ -6,18 +6,33 @@ images, 2 steps an epoch, HRNet-W18-small, CPU)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
 from pinet_lightning.cli.config import config_dir
+from pinet_lightning.cli.predict import predict
+from pinet_lightning.cli.train import train
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.evaluation.coco import evaluate_keypoints
+from pinet_lightning.inference.predictor import Predictor
+from pinet_lightning.model.checkpoints import save_model
+from pinet_lightning.model.network import PINet
+from pinet_lightning.training.losses import PINetLoss
+from pinet_lightning.training.module import PINetModule
+from pinet_lightning.training.report import reported_checkpoint
 
 K = 14
 SIGMAS = list(get_layout("crowdpose").sigmas)
@@ -146,8 +161,6 @@ def _compose(root: Path, overrides: list[str], name: str = "train"):
 
 
 def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     cfg = _compose(tmp_path, ["codec.input_size=500"])
     # before: the first training step crashed inside HRNet, naming no setting
@@ -160,7 +173,6 @@ def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
 
 
 def test_keypoint_count_hint_names_the_working_override(tmp_path):
-    from pinet_lightning.data.datasets import CocoKeypointDataset
 
     gt, _ = _gt()
     for ann in gt["annotations"]:  # 17 keypoints, as COCO
@@ -180,8 +192,6 @@ def test_keypoint_count_hint_names_the_working_override(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained HRNet-W18-small PINet saved as model.pt (input size 64)."""
-    from pinet_lightning.model.checkpoints import save_model
-    from pinet_lightning.model.network import PINet
 
     torch.manual_seed(0)
     net = PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1)
@@ -191,7 +201,6 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_predictor_on_an_empty_image_is_a_value_error(tiny_model):
-    from pinet_lightning.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_model, device="cpu")
     with pytest.raises(ValueError, match=r"empty \(0 x 0 pixels\)"):
@@ -199,9 +208,6 @@ def test_predictor_on_an_empty_image_is_a_value_error(tiny_model):
 
 
 def test_pinet_predict_goes_past_unreadable_images(tiny_model, tmp_path):
-    import cv2
-
-    from pinet_lightning.cli.predict import predict
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -232,10 +238,6 @@ def test_pinet_predict_goes_past_unreadable_images(tiny_model, tmp_path):
 
 def test_pinet_predict_writes_results_for_what_it_read_when_stopped(tiny_model, tmp_path,
                                                                    monkeypatch):
-    import cv2
-
-    from pinet_lightning.cli.predict import predict
-    from pinet_lightning.inference.predictor import Predictor
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -283,7 +285,6 @@ def _ckpt(path: Path) -> dict:
 
 
 def test_reported_checkpoint_rule():
-    from pinet_lightning.training.report import reported_checkpoint
 
     assert reported_checkpoint("last", "epoch_001.ckpt", "last.ckpt") == "last.ckpt"
     assert reported_checkpoint("best", "epoch_001.ckpt", "last.ckpt") == "epoch_001.ckpt"
@@ -294,7 +295,6 @@ def test_reported_checkpoint_rule():
 
 
 def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
-    from pinet_lightning.cli.train import train
 
     run = tmp_path / "run"
     # no pose passes the peak threshold: val/AP is 0.0 at every epoch (flat)
@@ -326,8 +326,6 @@ def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
 
 
 def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
-    from pinet_lightning.cli.train import train
-    from pinet_lightning.training.module import PINetModule
 
     real_step = PINetModule.training_step
 
@@ -354,8 +352,6 @@ def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
 @pytest.mark.parametrize("every,where", [(None, "at step 3"), (2, "between steps 2 and 3")])
 def test_non_finite_loss_stops_training_and_keeps_last_ckpt(tmp_path, monkeypatch, every,
                                                             where):
-    from pinet_lightning.cli.train import train
-    from pinet_lightning.training.losses import PINetLoss
     real_loss = PINetLoss.forward
     steps = []
 
@@ -386,9 +382,6 @@ def test_non_finite_loss_stops_training_and_keeps_last_ckpt(tmp_path, monkeypatc
 def test_ddp_training_writes_last_ckpt_every_epoch(tmp_path):
     """2 CPU processes: the epoch-end last.ckpt (a collective save) and the per-step finite
     check (a summed flag) run on both ranks in the same order; no deadlock."""
-    import os
-    import subprocess
-    import sys
 
     exe = Path(sys.executable).with_name("pinet-train")
     if not exe.exists():

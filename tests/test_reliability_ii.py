@@ -6,6 +6,7 @@ the tiny synthetic config (64 px, 8 train images, 2 steps an epoch, HRNet-W18-sm
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -22,18 +23,31 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from pytorch_lightning.utilities._pytree import _tree_flatten
 
-from pinet_lightning.cli.config import check_trainer_settings, config_dir
+from pinet_lightning.cli.config import check_trainer_settings, config_dir, moved_settings
+from pinet_lightning.cli.convert import main
+from pinet_lightning.cli.eval import evaluate
+from pinet_lightning.cli.predict import predict
+from pinet_lightning.cli.train import train
+from pinet_lightning.cli.warning_filters import quiet_third_party_warnings
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.core import atomic
 from pinet_lightning.core.images import read_image
 from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
+from pinet_lightning.evaluation.coco import evaluate_keypoints
 from pinet_lightning.inference.predictor import Predictor, load_image
 from pinet_lightning.model.checkpoints import save_model
 from pinet_lightning.model.network import PINet
-from pinet_lightning.training.module import DivergenceError, NonFiniteLossError, PINetModule
+from pinet_lightning.training.losses import PINetLoss
+from pinet_lightning.training.module import (
+    DivergenceError,
+    NonFiniteLossError,
+    PINetModule,
+    check_same_frame,
+)
 
 TINY = [
     "codec.input_size=64", "data.batch_size=4", "data.num_workers=0", "data.pin_memory=false",
@@ -87,7 +101,6 @@ def _custom(crowd: Path, **files: str) -> list[str]:
 def test_lr_1e6_stops_the_run_and_writes_no_diverged_weights(tmp_path):
     """The issue's case: lr=1e6 kept a finite loss while batch-norm variances became inf;
     the run ended with exit 0 and an inf model.pt / last.ckpt."""
-    from pinet_lightning.cli.train import train
 
     run = tmp_path / "run"
     with pytest.raises(DivergenceError, match="diverged and was stopped"):
@@ -101,7 +114,6 @@ def test_lr_1e6_stops_the_run_and_writes_no_diverged_weights(tmp_path):
 def test_non_finite_batch_norm_statistics_stop_the_run(tmp_path, monkeypatch):
     """A weight or buffer that becomes inf while the loss stays finite is found at the check
     interval (here 2 steps: the accelerator's on-device flag) and at the epoch end."""
-    from pinet_lightning.cli.train import train
 
     real_step = PINetModule.training_step
 
@@ -125,7 +137,6 @@ def test_non_finite_batch_norm_statistics_stop_the_run(tmp_path, monkeypatch):
 
 
 def _exploding_loss(monkeypatch, at_step: int, factor: float) -> None:
-    from pinet_lightning.training.losses import PINetLoss
 
     real_loss = PINetLoss.forward
     calls = []
@@ -141,7 +152,6 @@ def _exploding_loss(monkeypatch, at_step: int, factor: float) -> None:
 
 
 def test_a_finite_loss_explosion_stops_the_run(tmp_path, monkeypatch):
-    from pinet_lightning.cli.train import train
 
     _exploding_loss(monkeypatch, at_step=4, factor=1e8)  # epoch 2; finite
     run = tmp_path / "run"
@@ -154,7 +164,6 @@ def test_a_finite_loss_explosion_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_the_explosion_rule_is_a_setting(tmp_path, monkeypatch):
-    from pinet_lightning.cli.train import train
 
     _exploding_loss(monkeypatch, at_step=4, factor=1e3)  # under the factor: goes on
     metrics = train(_train_cfg(tmp_path, tmp_path / "a", ["trainer.max_epochs=3",
@@ -172,8 +181,6 @@ def test_epoch_end_check_keeps_a_late_nan_out_of_last_ckpt(tmp_path, monkeypatch
     """The GPU interval (100 steps) does not land on the epoch's last step and no
     validation runs that epoch: only the epoch-end check stands between a NaN in the last
     step and last.ckpt."""
-    from pinet_lightning.cli.train import train
-    from pinet_lightning.training.losses import PINetLoss
 
     real_loss = PINetLoss.forward
     calls = []
@@ -209,7 +216,6 @@ def test_save_model_refuses_non_finite_weights(tmp_path):
 
 # ----------------------------------------------------------------- 2. SIGTERM
 def test_sigterm_exits_143_with_the_resume_command(tmp_path, monkeypatch, caplog):
-    from pinet_lightning.cli.train import train
 
     real_step = PINetModule.training_step
 
@@ -239,7 +245,6 @@ def test_sigterm_exits_143_with_the_resume_command(tmp_path, monkeypatch, caplog
 
 # ----------------------------------------------------------------- 3, 6. empty splits
 def test_an_empty_val_split_stops_before_training(tmp_path, crowd):
-    from pinet_lightning.cli.train import train
 
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=r"data\.val: .*no_images\.json has no image to "
@@ -251,7 +256,6 @@ def test_an_empty_val_split_stops_before_training(tmp_path, crowd):
 
 
 def test_an_empty_test_split_stops_before_training_and_test_false_skips_it(tmp_path, crowd):
-    from pinet_lightning.cli.train import train
 
     files = _custom(crowd, test="no_images.json")
     run = tmp_path / "run"
@@ -278,7 +282,6 @@ def test_a_training_file_without_people_is_a_clear_error(tmp_path, crowd, file, 
 
 
 def test_pinet_eval_on_an_empty_split_fails(tmp_path, crowd, tiny_model):
-    from pinet_lightning.cli.eval import evaluate
 
     cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", *_custom(crowd, test="no_images.json"),
                               "input_size=64", "data.num_workers=0",
@@ -291,7 +294,6 @@ def test_pinet_eval_on_an_empty_split_fails(tmp_path, crowd, tiny_model):
 
 
 def test_evaluating_against_ground_truth_without_images_is_an_error(crowd):
-    from pinet_lightning.evaluation.coco import evaluate_keypoints
 
     with pytest.raises(ValueError, match=r"no_images\.json has no images"):
         evaluate_keypoints(crowd / "no_images.json", [], "crowdpose")  # zeros before
@@ -342,7 +344,6 @@ def test_predicted_keypoints_are_in_the_displayed_frame(rotated_photo, tiny_mode
     for a, b in zip(from_file, from_array, strict=True):
         np.testing.assert_array_equal(a.keypoints, b.keypoints)
     # pinet-predict records the displayed size
-    from pinet_lightning.cli.predict import predict
 
     out = tmp_path / "out"
     predict(_compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={path}", f"output_dir={out}",
@@ -386,7 +387,6 @@ def test_skip_invalid_skips_a_zero_byte_image_with_a_count(with_empty_image, cro
 
 def test_pinet_predict_lists_a_zero_byte_image_as_unreadable(with_empty_image, tiny_model,
                                                              tmp_path):
-    from pinet_lightning.cli.predict import predict
 
     images, name = with_empty_image
     out = tmp_path / "out"
@@ -400,7 +400,6 @@ def test_pinet_predict_lists_a_zero_byte_image_as_unreadable(with_empty_image, t
 
 # ----------------------------------------------------------------- 7. trainer types
 def test_a_trainer_setting_of_the_wrong_type_names_the_override(tmp_path):
-    from pinet_lightning.cli.train import train
 
     with pytest.raises(ValueError, match=r"trainer\.max_epochs='abc' is not valid: Lightning's "
                                          r"Trainer takes an integer or null there; pass e\.g\. "
@@ -428,9 +427,6 @@ def test_data_layout_alone_is_refused_before_the_first_step(tmp_path):
     first step: it names no setting (the codec holds the layout) and is answered with the
     override that works; a data module built with another codec than the model's is refused
     at setup, naming what differs."""
-    from pinet_lightning.cli.config import moved_settings
-    from pinet_lightning.codec.codec import PINetCodec
-    from pinet_lightning.training.module import check_same_frame
 
     # before: a shape mismatch at step 1 saying only "check the layout"
     assert moved_settings(["data.layout=coco"])[0].endswith("pass layout=coco")
@@ -460,7 +456,6 @@ def tiny_model(tmp_path_factory, crowd) -> Path:
 
 
 def test_pinet_eval_on_another_layout_gives_a_fix_that_works(tmp_path, tiny_model):
-    from pinet_lightning.cli.eval import evaluate
 
     coco = tmp_path / "coco17"
     generate_synthetic_crowd(coco, num_images=2, image_size=64, max_people=2, layout="coco")
@@ -482,9 +477,6 @@ def test_pinet_eval_on_another_layout_gives_a_fix_that_works(tmp_path, tiny_mode
 
 # ----------------------------------------------------------------- 10. pinet-convert
 def test_pinet_convert_names_its_own_trust_flag(tmp_path, capsys):
-    import argparse
-
-    from pinet_lightning.cli.convert import main
 
     crafted = tmp_path / "crafted.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "meta": argparse.Namespace(a=1)}, crafted)
@@ -527,7 +519,6 @@ def test_a_full_disk_leaves_the_previous_file(tmp_path, monkeypatch):
 
 def test_pinet_predict_on_a_full_disk_writes_no_truncated_results(tiny_model, crowd, tmp_path,
                                                                   monkeypatch):
-    from pinet_lightning.cli.predict import predict
 
     _disk_full_for(monkeypatch, "results.json")
     out = tmp_path / "out"
@@ -543,7 +534,6 @@ def test_pinet_predict_on_a_full_disk_writes_no_truncated_results(tiny_model, cr
 
 
 def test_a_full_disk_never_leaves_a_cut_short_checkpoint(tmp_path, monkeypatch):
-    from pinet_lightning.cli.train import train
 
     _disk_full_for(monkeypatch, "epoch_000.ckpt")
     run = tmp_path / "run"
@@ -557,9 +547,6 @@ def test_a_full_disk_never_leaves_a_cut_short_checkpoint(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------- noise
 def test_the_lightning_leafspec_warning_is_filtered_narrowly():
-    from pytorch_lightning.utilities._pytree import _tree_flatten
-
-    from pinet_lightning.cli.warning_filters import quiet_third_party_warnings
 
     text = "`isinstance(treespec, LeafSpec)` is deprecated, use something else"
     with warnings.catch_warnings(record=True) as seen:

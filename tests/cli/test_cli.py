@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.train import train
+from pinet_lightning.model.checkpoints import convert_published
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,9 +187,6 @@ def test_pinet_eval_reproduces_the_test_metrics(trained, tmp_path):
 def test_eval_and_predict_with_converted_published_weights(trained, tmp_path):
     """pinet-convert's model.pt (random published weights) through pinet-eval and
     pinet-predict: the data follow the network's published convention."""
-    import torch
-
-    from pinet_lightning.model.checkpoints import convert_published
 
     run_dir, _ = trained
     spec = json.loads((REPO / "tests" / "fixtures" / "published_crowdpose_state.json").read_text())
@@ -215,7 +215,6 @@ def test_eval_and_predict_with_converted_published_weights(trained, tmp_path):
 
 
 def test_pinet_predict_on_a_folder_and_a_video(trained, tmp_path):
-    import cv2
 
     run_dir, _ = trained
     images = sorted((run_dir.parent / "data" / "synthetic" / "val" / "images").glob("*.jpg"))

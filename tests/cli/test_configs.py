@@ -3,16 +3,32 @@ and its ``_target_`` nodes instantiate."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pinet_lightning.cli.config import config_dir
+import pinet_lightning.cli
+import pinet_lightning.conf
+from pinet_lightning.cli import auto_precision
+from pinet_lightning.cli.config import config_dir, instantiate_group, moved_settings
+from pinet_lightning.cli.ddp import ConfigScriptLauncher, HydraDDPStrategy, install_launcher
 from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.data.datamodule import DATASET_DEFAULT
+from pinet_lightning.inference.decoding import DecodeConfig
+from pinet_lightning.training.callbacks import (
+    LastCheckpoint,
+    LearningCurve,
+    ModelExport,
+    PredictionFigure,
+)
+from pinet_lightning.training.module import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS
 
 CONF = config_dir()
 
@@ -31,7 +47,6 @@ def _compose(name: str, overrides: list[str], tmp_path: Path):
 
 
 def test_config_dir_is_the_package_folder():
-    import pinet_lightning.conf
 
     assert CONF == Path(pinet_lightning.conf.__file__).resolve().parent
     for name in ("train.yaml", "eval.yaml", "predict.yaml"):
@@ -101,7 +116,6 @@ def test_spec_defaults(tmp_path):
                              ignore_regions=False, min_image_keypoints=None)),
 ])
 def test_recipes(tmp_path, experiment, expected, monkeypatch):
-    import torch
 
     # on a bf16 GPU (where the trainer group's default would pick bf16-mixed)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -217,7 +231,6 @@ def test_trainer_options_compose(tmp_path, trainer):
 
 
 def test_ddp_cpu_trainer_uses_our_launcher(tmp_path):
-    from pinet_lightning.cli.ddp import ConfigScriptLauncher, HydraDDPStrategy
 
     cfg = _compose("train", ["trainer=ddp_cpu"], tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False,
@@ -229,7 +242,6 @@ def test_ddp_cpu_trainer_uses_our_launcher(tmp_path):
 
 
 def test_plain_ddp_strategy_gets_our_launcher(tmp_path):
-    from pinet_lightning.cli.ddp import ConfigScriptLauncher, install_launcher
 
     cfg = _compose("train", ["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
                    tmp_path)
@@ -241,7 +253,6 @@ def test_plain_ddp_strategy_gets_our_launcher(tmp_path):
 
 @pytest.mark.parametrize("logger", _options("logger"))
 def test_logger_options_instantiate(tmp_path, logger):
-    from pinet_lightning.cli.config import instantiate_group
 
     cfg = _compose("train", [f"logger={logger}"], tmp_path)
     (lg,) = instantiate_group(cfg.logger)
@@ -256,9 +267,6 @@ def test_several_loggers_at_once(tmp_path):
 
 
 def test_callbacks_instantiate(tmp_path):
-    import pytorch_lightning as pl
-
-    from pinet_lightning.cli.config import instantiate_group
 
     cfg = _compose("train", [], tmp_path)
     callbacks = instantiate_group(cfg.callbacks)
@@ -268,11 +276,9 @@ def test_callbacks_instantiate(tmp_path):
     assert pl.callbacks.RichProgressBar in types and pl.callbacks.RichModelSummary in types
     ckpt = next(c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint))
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
-    from pinet_lightning.training.callbacks import LastCheckpoint
 
     last = next(c for c in callbacks if isinstance(c, LastCheckpoint))
     assert last.path == tmp_path / "checkpoints" / "last.ckpt"
-    from pinet_lightning.training.callbacks import LearningCurve, ModelExport, PredictionFigure
 
     by_type = {type(c): c for c in callbacks}
     assert by_type[ModelExport].path == tmp_path / "checkpoints" / "model.pt"
@@ -284,7 +290,6 @@ def test_callbacks_instantiate(tmp_path):
 
 
 def test_decode_group_matches_decode_config(tmp_path):
-    from pinet_lightning.inference.decoding import DecodeConfig
 
     cfg = _compose("predict", ["ckpt_path=x.ckpt", "input=y"], tmp_path)
     decode = DecodeConfig.from_any(OmegaConf.to_container(cfg.decode))
@@ -302,7 +307,6 @@ def test_eval_and_predict_configs(tmp_path):
 
 
 def test_run_dir_resolver():
-    import pinet_lightning.cli  # noqa: F401  (registers the resolvers)
 
     cfg = OmegaConf.create({"run_dir": None, "d": "${pinet_or:${run_dir},fallback}"})
     assert cfg.d == "fallback"
@@ -311,9 +315,6 @@ def test_run_dir_resolver():
 
 
 def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
-    import torch
-
-    from pinet_lightning.cli import auto_precision
 
     cfg = _compose("train", ["trainer=cpu"], tmp_path)
     assert cfg.trainer.precision == "32-true"
@@ -330,7 +331,6 @@ def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
 
 
 def _signature_defaults(obj) -> dict:
-    import inspect
 
     return {name: p.default for name, p in inspect.signature(obj).parameters.items()
             if p.default is not inspect.Parameter.empty}
@@ -346,7 +346,6 @@ def _signature_defaults(obj) -> dict:
 def test_config_defaults_mirror_the_code_signatures(tmp_path, group, owner):
     """Each default is stated once in code (a signature) and mirrored by its Hydra field: the
     paper recipe's config (no experiment overrides) holds exactly the signature's values."""
-    import importlib
 
     module, name = owner.split(":")
     defaults = _signature_defaults(getattr(importlib.import_module(module), name))
@@ -369,8 +368,6 @@ def test_optimizer_scheduler_and_dataset_nodes_mirror_the_code(tmp_path):
     """The optimizer, the scheduler and the dataset class are Hydra nodes (``_target_``,
     ``_partial_``) whose defaults are the code's; the module instantiates them, and a
     checkpoint stores them as plain data."""
-    from pinet_lightning.data.datamodule import DATASET_DEFAULT
-    from pinet_lightning.training.module import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS
 
     cfg = _compose("train", ["experiment=crowdpose_w32_512"], tmp_path)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -389,7 +386,6 @@ def test_optimizer_scheduler_and_dataset_nodes_mirror_the_code(tmp_path):
 def test_moved_settings_name_the_override_that_works(tmp_path):
     """An override of a setting that moved into the codec (or the scheduler) is answered with
     the new name, and that answer composes."""
-    from pinet_lightning.cli.config import moved_settings
 
     lines = moved_settings(["data.input_size=96", "+data.targets.sigma=1.5",
                             "model.optimizer.milestones=[3]", "data.layout=coco",

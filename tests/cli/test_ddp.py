@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pinet_lightning.training.module import PINetModule
+
 SCRIPT = textwrap.dedent('''
     import json
     import sys
@@ -39,7 +41,6 @@ SCRIPT = textwrap.dedent('''
     images, ann, init, devices, out_dir = sys.argv[1:6]
     devices = int(devices)
     GT = json.load(open(ann))
-
 
     class Oracle(PINetModule):
         """Jittered ground truth plus a false positive, seeded by the image id."""
@@ -66,7 +67,6 @@ SCRIPT = textwrap.dedent('''
                                 "score": float(rng.uniform(0.5, 1.0))})
                 out[image_id] = res
             return out
-
 
     blob = torch.load(init, map_location="cpu", weights_only=False)
     split = {"images": images, "annotations": ann}
@@ -110,7 +110,6 @@ def _run(script: Path, args: list[str], out_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_ddp_validation_equals_single_process(synthetic_crowd, tmp_path):
-    from pinet_lightning.training.module import PINetModule
 
     images, ann = synthetic_crowd
     # An odd number of validation images: the sampler pads one duplicate on rank 1.

@@ -13,7 +13,8 @@ from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.constants import IMAGENET_MEAN
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.inference.decoding import fuse_batch
-from pinet_lightning.inference.fusion import pose_fusion
+from pinet_lightning.inference.fusion import oks_matrix, pose_fusion
+from pinet_lightning.model.refinement import _bilinear_gather
 
 OURS, PUBLISHED = get_convention("cell_center"), get_convention("published")
 
@@ -46,7 +47,6 @@ def test_mirrored_input_alignment():
 def test_published_refinement_reads_features_where_its_grid_sample_does():
     """The published sampler normalizes by (W - 1) / 2 and samples with
     align_corners=False, zero padded: it reads cell x at x * W / (W - 1) - 0.5."""
-    from pinet_lightning.model.refinement import _bilinear_gather
 
     torch.manual_seed(0)
     features = torch.randn(1, 5, 6, 9)
@@ -113,7 +113,6 @@ def test_fusion_order_is_the_mean_keypoint_score():
     with_scores = np.concatenate([poses, kpt[..., None]], -1)
     peaks = np.array([0.9, 0.2, 0.1])
     sigmas = np.asarray(layout.sigmas)
-    from pinet_lightning.inference.fusion import oks_matrix
 
     oks = oks_matrix(poses, poses, sigmas)
     assert oks[0, 1] > 0.7 and oks[1, 2] > 0.7 and oks[0, 2] <= 0.7

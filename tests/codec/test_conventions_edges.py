@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pinet_lightning.codec.conventions import (
     CellCenter,
+    Convention,
     Published,
     cells_to_image,
     get_convention,
@@ -122,7 +123,6 @@ def test_keypoint_scores_of_ours_are_bilinear_at_the_cell():
 
 
 def test_the_base_convention_is_abstract():
-    from pinet_lightning.codec.conventions import Convention
 
     base = Convention()
     for call in (lambda: base.cell_to_input(torch.zeros(1, 2), 4),

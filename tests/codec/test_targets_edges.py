@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_targets import BG, TINY, _ch, _people
 
+from pinet_lightning.codec.batch import OmegaBatch, heatmap_targets
 from pinet_lightning.codec.targets import (
     TARGET_KEYS,
     PINetTargetCodec,
@@ -153,7 +154,6 @@ def test_omega_output_dtypes_also_when_empty():
 
 
 def test_windows_format_keys_and_missing_key_messages():
-    from pinet_lightning.codec.batch import OmegaBatch, heatmap_targets
 
     kp = _people([(4, 4, 2), (5, 6, 2), (6, 5, 2)])
     windows = encode_targets(kp, [16.0], TINY, (8, 8), heatmaps_format="windows")

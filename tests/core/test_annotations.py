@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.core.annotations import AnnotationError, validate_coco_keypoints
 from pinet_lightning.data.datasets import CocoKeypointDataset, read_image
 
 # 64 px inputs, dense targets (the tests read the maps)
@@ -109,7 +110,6 @@ def test_other_categories_are_ignored_with_a_count(tmp_path, caplog, train):
 
 
 def test_person_category_chosen_by_name_else_the_only_one_with_keypoints(tmp_path):
-    from pinet_lightning.core.annotations import AnnotationError, validate_coco_keypoints
 
     cats = [{"id": 5, "name": "hand"}, {"id": 3, "name": "pedestrian",
                                        "keypoints": [f"k{i}" for i in range(K)]}]
@@ -215,7 +215,6 @@ def test_skip_invalid_drops_the_whole_image_of_a_bad_annotation(tmp_path, caplog
 
 
 def test_validation_does_not_modify_the_input():
-    from pinet_lightning.core.annotations import validate_coco_keypoints
 
     data = _two_people()
     del data["annotations"][0]["bbox"]
@@ -263,7 +262,6 @@ def test_read_image_names_a_folder_as_a_folder(tmp_path):
 
 
 def test_real_crowdpose_file_passes_unchanged(crowdpose_val_json):
-    from pinet_lightning.core.annotations import validate_coco_keypoints
 
     data = json.loads(crowdpose_val_json.read_text())
     clean, report = validate_coco_keypoints(data, crowdpose_val_json, num_keypoints=14)

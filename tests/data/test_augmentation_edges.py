@@ -3,10 +3,16 @@ canvas's dtype, the error messages, and the reseed modulus (seeds are taken mod 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
-from pinet_lightning.data.augmentation import TrainAugmentation, inference_resize
+from pinet_lightning.data.augmentation import (
+    SquareCropAffine,
+    TrainAugmentation,
+    fit_short_side,
+    inference_resize,
+)
 
 
 def test_inference_resize_smallest_sizes():
@@ -103,9 +109,6 @@ def test_ignore_mask_padding_value():
 
 
 def test_affine_settings_and_defaults():
-    import cv2
-
-    from pinet_lightning.data.augmentation import SquareCropAffine
 
     own = SquareCropAffine(32)  # its own defaults are the SPEC's too
     assert own.crop_scale == (0.75, 1.5) and own.max_translate == 0.2
@@ -137,11 +140,9 @@ def test_affine_settings_and_defaults():
 
 
 def test_enlarging_is_bilinear_and_tiny_fits():
-    from pinet_lightning.data.augmentation import fit_short_side
 
     ramp = np.tile((np.arange(8) * 30).astype(np.uint8)[None, :, None], (8, 1, 3))
     out, _ = inference_resize(ramp, input_size=16, multiple=16)
-    import cv2
 
     np.testing.assert_array_equal(out, cv2.resize(ramp, (16, 16),
                                                   interpolation=cv2.INTER_LINEAR))

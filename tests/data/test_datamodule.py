@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from pytorch_lightning.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler, RandomSampler
 
 from pinet_lightning.codec.batch import train_collate
 from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.data.datamodule import PINetDataModule, eval_collate
 
 
@@ -49,7 +54,6 @@ def test_attributes(tmp_path):
 def test_synthetic_test_split_is_held_out(tmp_path):
     """The same generator, another seed: the test scenes are not the val scenes (so test AP is
     not val AP); as many as val unless num_test says."""
-    import json
 
     def scenes(split):
         data = json.loads((tmp_path / split / "annotations.json").read_text())
@@ -117,7 +121,6 @@ def test_eval_batch_of_equal_sizes_and_mixed_sizes_error(tmp_path):
 
 
 def test_lightning_can_inject_a_distributed_sampler(tmp_path):
-    from pytorch_lightning.utilities.data import _update_dataloader
 
     dm = _dm(tmp_path)
     dm.prepare_data()
@@ -133,9 +136,6 @@ def test_lightning_can_inject_a_distributed_sampler(tmp_path):
 def test_eval_samples_follow_the_network_convention(tmp_path):
     """Evaluation images are resized as the network's convention says: ours pads right /
     bottom, the published one warps the image centred."""
-    import numpy as np
-
-    from pinet_lightning.codec.conventions import get_convention
 
     ours, published = _dm(tmp_path), _dm(tmp_path, codec={"convention": "published"})
     for dm in (ours, published):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -17,7 +18,7 @@ from pinet_lightning.core.images import (
     image_file_problem,
     read_image,
 )
-from pinet_lightning.data.datasets import _region
+from pinet_lightning.data.datasets import _hull, _region
 
 SOI, EOI, SOS = b"\xff\xd8", b"\xff\xd9", b"\xff\xda\x00\x04\x11\x22"
 SCAN = b"\x12\xff\x00\x34"  # scan data: FF is followed by 00
@@ -142,7 +143,6 @@ def test_a_broken_header_is_caught_by_the_full_walk_only(tmp_path):
 
 
 def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
-    import cv2
 
     bgr = np.zeros((6, 8, 3), np.uint8)
     bgr[..., 2] = 250  # red in OpenCV's BGR order
@@ -157,7 +157,6 @@ def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
 
 
 def test_hull_of_the_labelled_keypoints():
-    from pinet_lightning.data.datasets import _hull
 
     kp = np.array([[1.0, 2.0, 2], [5.0, 7.0, 1], [9.0, 9.0, 0]])
     assert _hull(kp) == [1.0, 2.0, 4.0, 5.0]  # v = 0 points left out

@@ -4,9 +4,12 @@ hand."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+import torch as _torch
 from test_datasets import IDENTITY, K, _person, _write
 
 from pinet_lightning.codec.codec import PINetCodec
@@ -81,7 +84,6 @@ def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
 
 
 def test_augmentation_reseeded_from_torch_per_worker(tmp_path):
-    import torch as _torch
 
     img_dir, ann = _write(tmp_path, [_person(20, 20)])
     def make() -> CocoKeypointDataset:
@@ -98,7 +100,6 @@ def test_augmentation_reseeded_from_torch_per_worker(tmp_path):
 
 
 def test_eval_samples_and_settings(tmp_path, caplog):
-    import logging
 
     img_dir, ann = _write(tmp_path, [_person(5, 5)], images=[
         {"id": 1, "file_name": "a.jpg", "height": 64, "width": 96},

@@ -8,10 +8,16 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch.distributed as dist
 from test_evaluation_known_ap import COCO_SIGMAS, CROWD_SIGMAS, _moved_people
 
-from pinet_lightning.evaluation.coco import KeypointEvaluator, merge_gathered_results
+from pinet_lightning.evaluation.coco import (
+    KeypointEvaluator,
+    _all_gather_objects,
+    merge_gathered_results,
+)
 
 
 class _Rank0:
@@ -100,9 +106,6 @@ def test_an_evaluator_error_reaches_every_rank(tmp_path):
 
 
 def test_gather_under_torch_distributed_of_one_process(tmp_path):
-    import torch.distributed as dist
-
-    from pinet_lightning.evaluation.coco import _all_gather_objects
 
     assert _all_gather_objects({1: []}) == [{1: []}]  # outside torch.distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
@@ -114,7 +117,6 @@ def test_gather_under_torch_distributed_of_one_process(tmp_path):
 
 
 def test_evaluator_passes_its_sigmas_and_skip_invalid(tmp_path):
-    import numpy as np
 
     sigmas = np.full(17, 0.1)
     gt, preds = _moved_people(sigmas, 1.0)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pinet_lightning.codec.conventions import get_convention
+from pinet_lightning.codec.targets import encode_targets
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.inference.decoding import (
     DecodeConfig,
@@ -18,6 +19,7 @@ from pinet_lightning.inference.decoding import (
     predict_poses,
     sample_maps,
 )
+from pinet_lightning.model.refinement import sample_features
 
 LAYOUT = get_layout("crowdpose")
 K = LAYOUT.num_keypoints
@@ -75,7 +77,6 @@ class OracleNet(nn.Module):
         self.output_stride = STRIDE                                       # .convention
 
     def _targets(self, people: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
-        from pinet_lightning.codec.targets import encode_targets
 
         cells = people.copy()
         cells[..., :2] = self.drawn_with.input_to_cell(cells[..., :2], STRIDE)
@@ -291,7 +292,6 @@ class TinyNet(nn.Module):
                 "part_heatmaps": y[:, K:K + p].sigmoid(), "offsets": 4 * y[:, K + p:]}
 
     def refine(self, features, poses, cells, batch_index):
-        from pinet_lightning.model.refinement import sample_features
 
         return 0.3 * torch.tanh(sample_features(features, poses, batch_index)[..., :2])
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_decoding import LAYOUT, OracleNet, _crowd
 
 from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.core.sampling import sample_maps
 from pinet_lightning.inference.decoding import (
     DecodeConfig,
     ScaleDecoding,
@@ -19,6 +21,7 @@ from pinet_lightning.inference.decoding import (
     decode_outputs,
     find_peaks,
     fuse_batch,
+    gather_offsets,
     nms_kernel_size,
     predict_poses,
     score_scales,
@@ -277,7 +280,6 @@ def test_legacy_decode_fields():
 
 
 def test_gather_offsets_names_the_expected_channels():
-    from pinet_lightning.inference.decoding import gather_offsets
 
     with pytest.raises(ValueError, match=r"offsets have 10 channels, expected P\*K\*2 = 84"):
         gather_offsets(torch.zeros(1, 10, 4, 4), torch.zeros(1, P, 2, dtype=torch.long), K)
@@ -287,9 +289,6 @@ def test_multi_scale_scores_on_random_maps_against_the_largest_scale():
     """Random maps at three scales (input factors 0.5, 1 and 2 of the base): every proposal
     is scored on the mean of all maps resized (bilinear, pixel-centre aligned) to the largest
     map, at its own point converted to the largest scale's cells."""
-    import torch.nn.functional as F
-
-    from pinet_lightning.core.sampling import sample_maps
 
     torch.manual_seed(0)
     sizes = {0.5: 32, 1.0: 16, 2.0: 8}  # input factor -> map side

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from test_decoding import OracleNet, _crowd, _match
 
+import pinet_lightning.inference.predictor as predictor_module
+from pinet_lightning.data.augmentation import inference_resize
 from pinet_lightning.inference.decoding import DecodeConfig
 from pinet_lightning.inference.predictor import Person, Predictor
+from pinet_lightning.model.checkpoints import save_model
+from pinet_lightning.model.network import PINet
 
 # Keep every proposal (random weights give near-zero part heatmaps) so results are non-empty.
 KEEP_ALL = {"score_threshold": -1.0, "top_k": 5}
@@ -16,7 +22,6 @@ KEEP_ALL = {"score_threshold": -1.0, "top_k": 5}
 @pytest.fixture(scope="module")
 def small_net():
     pytest.importorskip("timm")
-    from pinet_lightning.model.network import PINet
 
     torch.manual_seed(0)
     return PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1).eval()
@@ -36,7 +41,6 @@ def _same(a: list[Person], b: list[Person]) -> None:
 
 
 def test_predictor_inputs_array_path_and_list(small_net, image, tmp_path):
-    import cv2
 
     predictor = Predictor(small_net, decode_cfg=KEEP_ALL, input_size=64, device="cpu")
     people = predictor(image)
@@ -58,7 +62,6 @@ def test_predictor_inputs_array_path_and_list(small_net, image, tmp_path):
 
 
 def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
-    import pinet_lightning.inference.predictor as predictor_module
 
     scores = torch.tensor([0.9, 0.05, 0.3, 0.1])
     poses = torch.arange(4 * 14 * 3, dtype=torch.float32).reshape(4, 14, 3)
@@ -75,7 +78,6 @@ def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
 
 
 def test_from_checkpoint_save_model_file(small_net, image, tmp_path):
-    from pinet_lightning.model.checkpoints import save_model
 
     path = tmp_path / "pinet.pt"
     save_model(path, small_net, extra={"decode": {"flip_test": False}})
@@ -104,7 +106,6 @@ def test_from_checkpoint_lightning(small_net, image, tmp_path):
 
 
 def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
-    from pinet_lightning.model.checkpoints import save_model
 
     path = tmp_path / "with_size.pt"
     save_model(path, small_net, extra={"input_size": 128})
@@ -154,10 +155,6 @@ def test_bad_images(small_net, tmp_path):
 
 def test_predictor_round_trip_through_inference_resize():
     """Known people in an original 300 x 200 image come back in its pixels, exactly."""
-    import cv2
-    from test_decoding import OracleNet, _crowd, _match
-
-    from pinet_lightning.data.augmentation import inference_resize
 
     image = np.zeros((300, 200, 3), dtype=np.uint8)
     resized, back = inference_resize(image, 256)

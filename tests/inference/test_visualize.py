@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -93,7 +94,6 @@ def test_grid_and_save(tmp_path):
     assert (grid[2 + 25, 2 + 25] == 0).all() and (grid[2 + 25, 54 + 25] == 255).all()
     assert (grid[2 + 5, 2 + 25] == 128).all()  # above tile 0: background
     path = save_image(tmp_path / "sub" / "grid.png", grid)
-    import cv2
 
     back = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     assert np.array_equal(back, grid)

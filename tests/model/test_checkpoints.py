@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pinet_lightning import Predictor
 from pinet_lightning.core.files import CheckpointError, load_file
-from pinet_lightning.model.checkpoints import load_network
+from pinet_lightning.data.datamodule import PINetDataModule
+from pinet_lightning.model.checkpoints import FORMAT, load_model, load_network
+from pinet_lightning.model.network import PINet
 
 
 class _Payload:
@@ -37,11 +40,9 @@ def test_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.ckpt' holds Python objects.*refused.*"
                                               r"trust_checkpoint=True"):
         load_network(path)
-    from pinet_lightning import Predictor
 
     with pytest.raises(CheckpointError, match="trust_checkpoint"):
         Predictor.from_checkpoint(path, device="cpu")
-    from pinet_lightning.model.checkpoints import load_model
 
     with pytest.raises(CheckpointError, match="trust_checkpoint"):
         load_model(path)
@@ -92,10 +93,6 @@ def test_files_written_before_the_codec_still_load(tmp_path):
     """model.pt and Lightning checkpoints of the earlier layout (input size and target
     settings in the data settings, the layout as a hyper-parameter, the optimizer as lr /
     milestones) load with the codec they imply, and their data settings rebuild the data."""
-    from pinet_lightning import Predictor
-    from pinet_lightning.data.datamodule import PINetDataModule
-    from pinet_lightning.model.checkpoints import FORMAT
-    from pinet_lightning.model.network import PINet
 
     torch.manual_seed(0)
     net = PINet("crowdpose", backbone="hrnet_w18_small", refine_layers=1).eval()

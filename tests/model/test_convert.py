@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pinet_lightning import Predictor
 from pinet_lightning.cli.convert import main
 from pinet_lightning.core.files import CheckpointError
 from pinet_lightning.model.checkpoints import convert_published, load_model, load_network
@@ -73,7 +74,6 @@ def test_every_published_tensor_maps_and_loads_strictly(published_state, convert
 
 
 def test_converted_file_loads_in_the_predictor_with_published_conventions(converted):
-    from pinet_lightning import Predictor
 
     _, dst = converted
     predictor = Predictor.from_checkpoint(dst, device="cpu")

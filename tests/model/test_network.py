@@ -6,13 +6,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.targets import TARGET_KEYS
 from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.model.checkpoints import load_model, save_model
 from pinet_lightning.model.network import PINet
+from pinet_lightning.model.refinement import PoseRefinement
 from pinet_lightning.training.losses import PINetLoss
 
 SMALL = "hrnet_w18_small"
@@ -103,7 +106,6 @@ def test_load_validates(tmp_path, crowdpose_net):
 
 
 def test_pretrained_backbone_file_reaches_the_network(tmp_path):
-    import timm
 
     full = timm.create_model(SMALL)
     path = tmp_path / "imagenet.pth"
@@ -117,7 +119,6 @@ def test_pretrained_backbone_file_reaches_the_network(tmp_path):
 
 def _overfit_batch(images_dir, ann, size: int) -> dict[str, torch.Tensor]:
     """4 training samples at ``size`` with augmentation off."""
-    from pinet_lightning.data.datasets import CocoKeypointDataset
 
     off = {"max_rotation": 0, "min_scale": 1.0, "max_scale": 1.0, "max_translate": 0,
            "flip_prob": 0.0}
@@ -162,7 +163,6 @@ def test_head_init_std_reaches_the_ppg_heads():
 def test_refinement_starts_as_the_published_network():
     """Graph convolutions: W Xavier-uniform with gain 1.414, b uniform in +-1/sqrt(out);
     the readout keeps PyTorch's default initialization (published: plain Conv1d)."""
-    from pinet_lightning.model.refinement import PoseRefinement
 
     torch.manual_seed(0)
     pr = PoseRefinement(480, "crowdpose", num_layers=2)

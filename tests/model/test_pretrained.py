@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from pinet_lightning.model.backbone import Backbone
 from pinet_lightning.model.pretrained import HRNET_HEAD, PretrainedWeightsError
+from pinet_lightning.training.module import PINetModule
 
 SMALL = "hrnet_w18_small"
 SMALL_HUB = "timm/hrnet_w18_small.gluon_in1k"  # timm's default weights of hrnet_w18_small
@@ -179,7 +180,6 @@ def test_a_missing_file_and_an_unsafe_file(tmp_path):
 
 
 def test_random_initialisation_is_said_once(caplog):
-    from pinet_lightning.training.module import PINetModule
 
     with caplog.at_level(logging.INFO, logger="pinet_lightning"):
         PINetModule("crowdpose", network={"backbone": SMALL, "pretrained": None,

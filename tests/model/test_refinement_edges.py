@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from pinet_lightning.codec.conventions import Published
-from pinet_lightning.model.refinement import GraphBlock, PoseRefinement, normalized_adjacency
+from pinet_lightning.model.refinement import (
+    GraphBlock,
+    MaskedBatchNorm1d,
+    PoseRefinement,
+    normalized_adjacency,
+)
 
 
 def test_graph_conv_init_laws():
@@ -57,7 +62,6 @@ def _reference_bn(x, rows, weight, bias, eps):
 
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_masked_batch_norm_statistics_by_hand(momentum):
-    from pinet_lightning.model.refinement import MaskedBatchNorm1d
 
     torch.manual_seed(0)
     bn = MaskedBatchNorm1d(5, eps=0.1, momentum=momentum)
@@ -93,7 +97,6 @@ def test_masked_batch_norm_statistics_by_hand(momentum):
 
 
 def test_masked_batch_norm_without_affine_or_running_statistics():
-    from pinet_lightning.model.refinement import MaskedBatchNorm1d
 
     torch.manual_seed(1)
     x = torch.randn(5, 3, requires_grad=True)

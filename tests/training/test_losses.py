@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from pinet_lightning.training.losses import HeatmapLoss, OffsetLoss, PINetLoss, RefineLoss
+from pinet_lightning.training.losses import (
+    HeatmapLoss,
+    OffsetLoss,
+    PINetLoss,
+    RefineLoss,
+    weighted_smooth_l1,
+)
 from pinet_lightning.training.proposals import sample_proposals
 
 B, K, P, H, W, C = 2, 3, 2, 8, 8, 5
@@ -238,7 +244,6 @@ def test_refine_gradient_moves_the_correction_toward_the_error():
 
 
 def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
-    from pinet_lightning.training.losses import HeatmapLoss, weighted_smooth_l1
 
     pred = torch.tensor([0.5, 2.0, 7.0])
     target = torch.zeros(3)
@@ -257,7 +262,6 @@ def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
 
 
 def test_offset_loss_shape_errors_name_the_shapes():
-    from pinet_lightning.training.losses import OffsetLoss
 
     with pytest.raises(ValueError, match=r"offsets \(1, 4, 2, 2\), targets "
                                          r"\(1, 4, 2, 3\) and weights \(1, 4, 2, 2\) differ"):

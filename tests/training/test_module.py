@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
-pl = pytest.importorskip("pytorch_lightning")
-
-from pinet_lightning.codec.codec import PINetCodec  # noqa: E402
-from pinet_lightning.training.module import (  # noqa: E402
+from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.data.datamodule import PINetDataModule
+from pinet_lightning.training.module import (
     NonFiniteLossError,
     PINetModule,
     merge_gathered_results,
@@ -33,7 +34,6 @@ def small_module(**kwargs) -> PINetModule:
 
 
 def make_datamodule(synthetic_crowd):
-    from pinet_lightning.data.datamodule import PINetDataModule
 
     images, ann = synthetic_crowd
     split = {"images": str(images), "annotations": str(ann)}
@@ -108,7 +108,6 @@ def test_scheduler_drops_lr_at_epoch_milestones():
 
 
 def test_hparams_plain_and_defaults():
-    from omegaconf import OmegaConf
 
     layout = {"name": "tiny", "names": ["a", "b", "c"], "flip_index": [1, 0, 2],
               "sigmas": [0.1, 0.1, 0.1], "parts": {"top": [2], "pair": [0, 1]},

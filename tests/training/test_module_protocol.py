@@ -10,10 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("pytorch_lightning")
-
-from pinet_lightning.core.layouts import get_layout  # noqa: E402
-from pinet_lightning.training.module import PINetModule  # noqa: E402
+from pinet_lightning.codec.codec import PINetCodec
+from pinet_lightning.codec.conventions import get_convention
+from pinet_lightning.core.layouts import get_layout
+from pinet_lightning.training.module import (
+    PINetModule,
+    check_same_frame,
+)
 
 
 def _evaluator(layout: str, stage: str = "val", datamodule=None, **hparams):
@@ -60,9 +63,6 @@ def test_data_and_model_codecs_must_match_and_fit_the_network():
     """The codec owns the output stride, the convention and the input size: a data module
     built with another codec is refused at setup, and a codec the network does not fit is
     refused at once, each naming the setting (not a silent shift)."""
-    from pinet_lightning.codec.codec import PINetCodec
-    from pinet_lightning.codec.conventions import get_convention
-    from pinet_lightning.training.module import check_same_frame
 
     ours = PINetCodec("crowdpose", input_size=128)
     check_same_frame(ours, PINetCodec("crowdpose", input_size=128))
