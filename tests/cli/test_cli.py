@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from tiny_run import tiny_run
 
 from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.train import train
@@ -24,14 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # tiny and fast: 64 px images, 8 train / 2 val images, 2 steps an epoch, 1 refine block
 NO_FIGURE = "callbacks.prediction_figure.num_images=0"
-TINY = [
-    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
-    "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=4",
-    "data.num_workers=0", "data.pin_memory=false", "trainer.accelerator=cpu",
-    "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
-    "trainer.check_val_every_n_epoch=1", "model.network.refine_layers=1",
-    "callbacks.prediction_figure.num_images=1", "threads=1",
-]
+TINY = tiny_run("data.batch_size=4", "trainer.accelerator=cpu",
+                "callbacks.prediction_figure.num_images=1")
 
 
 def _compose(root: Path, run_dir: Path, overrides: list[str], tiny: bool = True):

@@ -18,6 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
+from tiny_run import tiny_run
 
 from pinet_lightning.cli import cluster, rank_zero_value
 from pinet_lightning.cli.cluster import launcher_problems
@@ -25,14 +26,8 @@ from pinet_lightning.cli.config import config_dir
 from pinet_lightning.training.report import sweep_objective
 
 # 8 images of 64 px, 2 training steps (1 epoch, validated), one thread
-TINY = [
-    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
-    "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=2",
-    "data.num_workers=0", "data.pin_memory=false", "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-    "trainer.check_val_every_n_epoch=1", "model.network.refine_layers=1",
-    "callbacks.prediction_figure.num_images=0", "threads=1",
-]
+TINY = tiny_run("data.batch_size=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                "callbacks.prediction_figure.num_images=0")
 
 
 def _pinet_train(args: list[str], root: Path, timeout: int = 420,

@@ -7,6 +7,7 @@ import importlib
 import inspect
 from pathlib import Path
 
+import pinet_lightning.conf
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -15,7 +16,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import pinet_lightning.cli
-import pinet_lightning.conf
 from pinet_lightning.cli import auto_precision
 from pinet_lightning.cli.config import config_dir, instantiate_group, moved_settings
 from pinet_lightning.cli.ddp import ConfigScriptLauncher, HydraDDPStrategy, install_launcher

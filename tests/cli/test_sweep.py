@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tiny_run import tiny_run
 
 from pinet_lightning.cli.sweep import collect_jobs, summarize_sweep
 
-TINY = [
-    "codec.input_size=64", "data.synthetic.image_size=64", "data.synthetic.num_train=8",
-    "data.synthetic.num_val=2", "data.synthetic.max_people=3", "data.batch_size=2",
-    "data.num_workers=0", "data.pin_memory=false", "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1",
-    "model.network.refine_layers=1", "callbacks.prediction_figure.num_images=1",
-]
+TINY = tiny_run("data.batch_size=2", "callbacks.prediction_figure.num_images=1")
 
 
 def _tree(root: Path) -> set[str]:
