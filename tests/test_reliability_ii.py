@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import signal
-import struct
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -37,7 +35,6 @@ from pinet_lightning.core.images import read_image
 from pinet_lightning.data.datamodule import PINetDataModule
 from pinet_lightning.data.datasets import CocoKeypointDataset
 from pinet_lightning.data.synthetic import generate_synthetic_crowd
-from pinet_lightning.evaluation.coco import evaluate_keypoints
 from pinet_lightning.inference.predictor import Predictor, load_image
 from pinet_lightning.model.checkpoints import save_model
 from pinet_lightning.model.network import PINet
@@ -293,46 +290,14 @@ def test_pinet_eval_on_an_empty_split_fails(tmp_path, crowd, tiny_model):
     assert not (tmp_path / "e" / "metrics.json").exists()
 
 
-def test_evaluating_against_ground_truth_without_images_is_an_error(crowd):
-
-    with pytest.raises(ValueError, match=r"no_images\.json has no images"):
-        evaluate_keypoints(crowd / "no_images.json", [], "crowdpose")  # zeros before
-
-
 # ----------------------------------------------------------------- 4. EXIF orientation
-def _with_orientation(jpeg: bytes, orientation: int) -> bytes:
-    """The JPEG with an EXIF APP1 segment holding only the Orientation tag (0x0112)."""
-    ifd = struct.pack(">HHHIHH", 1, 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
-    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + ifd  # big-endian TIFF, IFD at offset 8
-    payload = b"Exif\x00\x00" + tiff
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
-
-
-@pytest.fixture()
-def rotated_photo(tmp_path) -> tuple[Path, np.ndarray]:
-    """A 40 x 60 (h x w) upright picture stored sideways (60 x 40) with EXIF Orientation 6
-    ("rotate 90 degrees clockwise to display"), as phones store photos; and the picture."""
-    upright = np.zeros((40, 60, 3), np.uint8)
-    upright[:, :, 1] = np.linspace(0, 255, 60, dtype=np.uint8)[None]  # left dark, right bright
-    upright[:15, :20] = (255, 40, 40)  # a red block in the top left corner
-    stored = np.ascontiguousarray(np.rot90(upright, 1))  # 90 degrees counter-clockwise
-    jpeg = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 98])[1].tobytes()
-    path = tmp_path / "photo.jpg"
-    path.write_bytes(_with_orientation(jpeg, 6))
-    return path, upright
-
-
 def test_inference_reads_a_photo_the_way_it_is_displayed(rotated_photo):
     path, upright = rotated_photo
     shown = load_image(path)
     assert shown.shape == (40, 60, 3)  # (60, 40, 3) before: the stored, sideways pixels
     assert np.abs(shown.astype(int) - upright).mean() < 4  # JPEG noise only
     assert shown[:15, :20, 0].mean() > 200 and shown[25:, 40:, 0].mean() < 60  # red top left
-    # training and evaluation data keep the stored pixels, which annotations refer to
-    stored = read_image(path)
-    assert stored.shape == (60, 40, 3)
-    assert np.abs(np.rot90(stored, -1).astype(int) - shown).max() == 0
+    # training and evaluation data keep the stored pixels: tests/core/test_images.py
 
 
 def test_predicted_keypoints_are_in_the_displayed_frame(rotated_photo, tiny_model, tmp_path):

@@ -13,7 +13,9 @@ from pinet_lightning.codec.conventions import (
     Convention,
     Published,
     cells_to_image,
+    cells_to_input,
     get_convention,
+    input_to_image,
 )
 from pinet_lightning.core.constants import IMAGENET_MEAN
 
@@ -131,7 +133,8 @@ def test_the_base_convention_is_abstract():
                  lambda: base.feature_points(torch.zeros(1, 2), 4, 4),
                  lambda: base.keypoint_scores(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2),
                                               torch.zeros(1, dtype=torch.long), 4),
-                 lambda: base.resize(np.zeros((4, 4, 3), np.uint8), 64)):
+                 lambda: base.resize(np.zeros((4, 4, 3), np.uint8), 64),
+                 lambda: base.fit(np.zeros((4, 4, 3), np.uint8), 64)):
         with pytest.raises(NotImplementedError):
             call()
     assert repr(PUBLISHED) == "Convention('published')"
@@ -153,3 +156,52 @@ def test_cells_to_image_scale_per_axis_and_float64_transforms():
         got = cells_to_image(poses, back, input_scale=scale)
         want = [(x_in + 0.5) * scale[0] - 0.5, (y_in + 0.5) * scale[1] - 0.5, 0.5]
         assert got[0, 0, 0].tolist() == pytest.approx(want)
+
+
+def test_cells_to_input_and_image_follow_the_named_convention():
+    poses = torch.tensor([[[[2.0, 3.0, 0.5]]]])
+    # the defaults: cell_center at stride 4 (cell x at pixel 4 x + 1.5)
+    assert cells_to_input(poses).tolist() == [[[[9.5, 13.5, 0.5]]]]
+    assert cells_to_input(poses, "published").tolist() == [[[[8.0, 12.0, 0.5]]]]
+    assert cells_to_input(poses, PUBLISHED, 2).tolist() == [[[[4.0, 6.0, 0.5]]]]
+    back = torch.tensor([[[2.0, 0.0, 10.0], [0.0, 1.0, -1.0]]])
+    assert cells_to_image(poses, back, "published").tolist() == [[[[26.0, 11.0, 0.5]]]]
+    assert input_to_image(cells_to_input(poses, "published"), back).tolist() == [
+        [[[26.0, 11.0, 0.5]]]]
+
+
+SIDE = 96  # not a multiple of 64: the fixed input is side x side, whatever resize's multiple
+
+
+@pytest.mark.parametrize("shape", [(90, 160, 3), (160, 90, 3)])
+def test_cell_center_fit_puts_the_long_side_at_the_graph_side(shape):
+    """Long side 160 -> 96 (scale 0.6), short side 90 -> 54, zero padded right / bottom to
+    96 x 96, as resize pads."""
+    image = np.random.default_rng(7).integers(1, 256, shape, dtype=np.uint8)
+    fitted, back = OURS.fit(image, SIDE)
+    assert fitted.shape == (SIDE, SIDE, 3)
+    rows, cols = fitted[..., 0].any(1), fitted[..., 0].any(0)
+    assert (int(rows.sum()), int(cols.sum())) == ((54, 96) if shape[0] < shape[1] else (96, 54))
+    assert rows[:int(rows.sum())].all() and cols[:int(cols.sum())].all()  # top-left
+    s = 160 / 96
+    np.testing.assert_allclose(back, [[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2]], atol=1e-9)
+
+
+def test_published_fit_is_the_centred_warp():
+    image = np.random.default_rng(7).integers(1, 256, (90, 160, 3), dtype=np.uint8)
+    fitted, back = PUBLISHED.fit(image, 128)  # 160 -> 128, 90 -> 72: 28 border rows each side
+    assert fitted.shape == (128, 128, 3)
+    assert not fitted[:27].any() and not fitted[-27:].any() and fitted[29:-29].all()
+    assert np.allclose(back @ [64.0, 64.0, 1.0], [80.0, 45.0])  # centre to centre
+    assert np.allclose(back[:, :2], np.eye(2) * 160 / 128)
+    portrait, back = PUBLISHED.fit(np.ascontiguousarray(image.transpose(1, 0, 2)), 128)
+    assert not portrait[:, :27].any() and portrait[29:-29, 29:-29].all()
+    assert np.allclose(back[:, :2], np.eye(2) * 160 / 128)
+    # the scale is the long side's, even for an image under 3 pixels (not the channels')
+    _, back = PUBLISHED.fit(np.full((2, 1, 3), 9, np.uint8), 64)
+    assert np.allclose(back[:, :2], np.eye(2) * 2 / 64)
+    square = image[:, :90].copy()  # a square image: what resize gives it
+    for convention in (PUBLISHED, OURS):
+        got, got_back = convention.fit(square, 128)
+        want, want_back = convention.resize(square, 128, 64)
+        assert np.array_equal(got, want) and np.allclose(got_back, want_back)

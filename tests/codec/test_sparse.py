@@ -136,8 +136,6 @@ def test_collate_concatenates_with_batch_offsets():
     other = dict(sparse[0], target_shape=torch.tensor([K, P, 24, 30]))
     with pytest.raises(ValueError, match="different target shapes"):
         train_collate([sparse[1], other])
-    with pytest.raises(KeyError, match="target_shape"):
-        train_collate([{k: v for k, v in s.items() if k != "target_shape"} for s in sparse])
 
 
 @pytest.mark.parametrize("empty_cells", [True, False])

@@ -130,7 +130,8 @@ def test_missing_sections_are_errors(tmp_path, key):
 
 
 def test_invalid_json_names_the_file_and_position(tmp_path):
-    with pytest.raises(ValueError, match=r"ann\.json is not valid JSON.*line 1, column"):
+    with pytest.raises(ValueError, match=r"^annotation file \S*ann\.json is not valid JSON.*"
+                                         r"line 1, column"):
         _dataset(tmp_path, '{"images": [}')
 
 
@@ -144,6 +145,9 @@ def test_missing_bbox_is_derived_from_the_keypoints_and_said_once(tmp_path, capl
     assert ds.coco.anns[1]["bbox"] == [5.0, 5.0, K - 1.0, K - 1.0]  # the labelled extent
     assert ds.coco.anns[2]["bbox"] == [20.0, 20.0, K - 1.0, K - 1.0]
     assert caplog.text.count("have no 'bbox'") == 1 and "2 annotations" in caplog.text
+    report = ds.coco.validation  # the validation report, kept with the index
+    assert (report.num_images, report.num_annotations) == (2, 2)
+    assert sorted(report.derived_boxes) == [1, 2]
     assert ds[0]["heatmaps"].ndim == 3  # trains (evaluation: see test_reliability)
 
 

@@ -10,7 +10,6 @@ import torch
 from pytorch_lightning.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from pinet_lightning.codec.batch import train_collate
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.data.datamodule import PINetDataModule, eval_collate
@@ -116,8 +115,6 @@ def test_eval_batch_of_equal_sizes_and_mixed_sizes_error(tmp_path):
     b = {**a, "image": torch.zeros(3, 64, 128, dtype=torch.uint8), "image_id": 2}
     with pytest.raises(ValueError, match="eval_batch_size=1"):
         eval_collate([a, b])
-    stacked = train_collate([{"x": torch.ones(2)}, {"x": torch.zeros(2)}])
-    assert tuple(stacked["x"].shape) == (2, 2)
 
 
 def test_lightning_can_inject_a_distributed_sampler(tmp_path):

@@ -55,7 +55,9 @@ def test_missing_files_raise_clear_errors(tmp_path):
 def test_wrong_keypoint_count_names_file_and_fix(tmp_path):
     img_dir, ann = _write(tmp_path, [_person(5, 5)])
     with pytest.raises(ValueError, match=r"ann\.json.*has 14 keypoints.*17 are expected.*"
-                       r"layout is 'coco'.*top-level override layout=crowdpose"):
+                       r"layout is 'coco'.*top-level override layout=crowdpose \(14 keypoints\) "
+                       r"or layout=coco / layout=ochuman \(17\), or describe yours in "
+                       r"conf/layout/ and pass layout=<its name>$"):
         CocoKeypointDataset(img_dir, ann, codec=PINetCodec("coco", sparse=False))
 
 

@@ -56,12 +56,18 @@ def test_image_file_problems_and_messages(tmp_path, caplog):
     (tmp_path / "padded.jpg").write_bytes(whole + b"\x00" * 10)
     (tmp_path / "cut.jpg").write_bytes(SOI + SOS + SCAN)
     (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "empty.jpg").write_bytes(b"")
     assert image_file_problem(tmp_path / "ok.jpg") is None
     assert image_file_problem(tmp_path / "padded.jpg") is None
     assert image_file_problem(tmp_path / "cut.jpg") == CUT
     assert image_file_problem(tmp_path / "cut.jpg", full=True) == CUT
     assert image_file_problem(tmp_path / "dir.jpg") == "folder"
     assert image_file_problem(tmp_path / "no.jpg") == "missing"
+    assert image_file_problem(tmp_path / "empty.jpg") == "empty"
+    with pytest.raises(OSError, match=re.escape(
+            f"image {tmp_path / 'empty.jpg'} is empty (0 bytes): an interrupted download or "
+            "copy? replace it, or set data.skip_invalid=true to skip it") + "$"):
+        read_image(tmp_path / "empty.jpg")
     with pytest.raises(FileNotFoundError, match=re.escape(
             f"image {tmp_path / 'no.jpg'} does not exist; check the images folder")):
         read_image(tmp_path / "no.jpg")
@@ -74,10 +80,11 @@ def test_image_file_problems_and_messages(tmp_path, caplog):
         read_image(tmp_path / "cut.jpg")
     records = ([{"id": i, "file_name": f"m{i}.jpg"} for i in range(7)]
                + [{"id": 10, "file_name": "cut.jpg"}, {"id": 11, "file_name": "dir.jpg"},
-                  {"id": 12, "file_name": "ok.jpg"}])
+                  {"id": 13, "file_name": "empty.jpg"}, {"id": 12, "file_name": "ok.jpg"}])
     lines = ("  7 missing (image id file): 0 m0.jpg, 1 m1.jpg, 2 m2.jpg, 3 m3.jpg, 4 m4.jpg "
              "and 2 more\n  1 truncated JPEG (image id file): 10 cut.jpg\n"
-             "  1 folder (image id file): 11 dir.jpg")
+             "  1 folder (image id file): 11 dir.jpg\n"
+             "  1 empty file (0 bytes) (image id file): 13 empty.jpg")
     with pytest.raises(FileNotFoundError) as err:
         check_image_files(tmp_path, records, "ann.json")
     assert str(err.value) == (
@@ -86,8 +93,8 @@ def test_image_file_problems_and_messages(tmp_path, caplog):
         "these images")
     with caplog.at_level(logging.WARNING, logger="pinet_lightning.core.images"):
         skipped = check_image_files(tmp_path, records, "ann.json", skip_invalid=True)
-    assert skipped == {0, 1, 2, 3, 4, 5, 6, 10, 11}
-    assert (f"ann.json: skipped 9 images whose files cannot be used (data.skip_invalid):\n"
+    assert skipped == {0, 1, 2, 3, 4, 5, 6, 10, 11, 13}
+    assert (f"ann.json: skipped 10 images whose files cannot be used (data.skip_invalid):\n"
             f"{lines}") in caplog.text
     five = check_image_files(tmp_path, records[:5], "a.json", skip_invalid=True)
     assert five == {0, 1, 2, 3, 4} and "more" not in caplog.text.split("a.json")[-1]

@@ -104,10 +104,12 @@ def test_eval_samples_and_settings(tmp_path, caplog):
     img_dir, ann = _write(tmp_path, [_person(5, 5)], images=[
         {"id": 1, "file_name": "a.jpg", "height": 64, "width": 96},
         {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}])
-    ds = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(input_size=96), train=False,
-                             multiple=64)
+    ds = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(input_size=96), train=False)
     sample = ds[0]
     assert sample["image"].shape == (3, 128, 192)  # short side 96 -> 96 x 144 -> multiples of 64
+    by_32 = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(input_size=96), train=False,
+                                multiple=32)
+    assert by_32[0]["image"].shape == (3, 96, 160)  # ... -> multiples of 32
     assert sample["image_id"] == 1 and sample["orig_size"] == (64, 96)
     published = CocoKeypointDataset(img_dir, ann, codec=PINetCodec(convention="published"),
                                     train=False)
@@ -120,7 +122,9 @@ def test_eval_samples_and_settings(tmp_path, caplog):
     assert ("ann.json: training on 0 images, skipped 2 with 20 labelled keypoints or fewer"
             in caplog.text)
     with pytest.raises(FileNotFoundError, match=r"does not exist; check the dataset root "
-                                                r"\(paths.data_dir .*conf/data/<dataset>.yaml"):
+                                                r"\(paths.data_dir .*conf/data/<dataset>.yaml "
+                                                r"shows where the official release keeps each "
+                                                r"file$"):
         CocoKeypointDataset(img_dir, tmp_path / "none.json")
     with pytest.raises(ValueError, match="codec.input_size=66 must be a positive multiple of "
                                          "32.*use codec.input_size=64 or 96"):

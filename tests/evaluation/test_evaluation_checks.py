@@ -91,6 +91,13 @@ def test_files_are_named_by_path(tmp_path):
     gt_path.write_text(json.dumps(bad_gt))
     with pytest.raises(ValueError, match=re.escape(str(gt_path))):
         evaluate_keypoints(gt_path, preds, "coco")
+    # a ground truth without images would give every metric as a silent 0 (or -1)
+    empty = tmp_path / "no_images.json"
+    empty.write_text(json.dumps({**gt, "images": [], "annotations": []}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"evaluation: the ground truth {empty} has no images (left): nothing to evaluate; "
+            "use an annotation file with images") + "$"):
+        evaluate_keypoints(empty, [], "crowdpose")
 
 
 def test_skip_invalid_drops_the_bad_image_and_its_predictions(caplog):

@@ -18,6 +18,7 @@ from pinet_lightning.inference.decoding import (
     DecodeConfig,
     ScaleDecoding,
     _resize_input,
+    decode_images,
     decode_outputs,
     find_peaks,
     fuse_batch,
@@ -363,3 +364,32 @@ def test_network_without_refine_or_stride_and_non_square_multi_scale():
                         {"flip_test": False, "scales": (1.0, 0.5)})[0][0]
     assert len(two) == len(one) == 4
     assert torch.allclose(_sorted(two)[..., :2], _sorted(one)[..., :2], atol=0.5)
+
+
+def test_decode_images_returns_the_candidates_of_every_scale():
+    """The candidates of each scale side by side: (B, S * P * top_k) poses, pose scores and
+    validity; at scale 1 the network sees the input as given, even with sides that are not
+    multiples of ``scale_multiple`` (224 here; only the other scales are rounded)."""
+    cfg = DecodeConfig(scales=(1.0, 0.5), flip_test=False)
+    n = LAYOUT.num_parts * cfg.top_k
+    poses, scores, valid = decode_images(_Stub(), torch.zeros(1, 3, 256, 256), LAYOUT, cfg)
+    assert poses.shape == (1, 2 * n, K, 3) and scores.shape == valid.shape == (1, 2 * n)
+    # each scale finds the 4 people's 3 parts, with part heatmap peaks near 1
+    assert int(valid[0, :n].sum()) == int(valid[0, n:].sum()) == 4 * LAYOUT.num_parts
+    assert float(scores[valid].min()) > 0.8 and bool((scores[~valid] <= 0.8).all())
+    # keypoint score = pose score x keypoint heatmap (at most 1)
+    assert bool((poses[..., 2] <= scores[..., None] + 1e-6).all())
+    net = _Stub()
+    decode_images(net, torch.zeros(1, 3, 256, 224), LAYOUT, DecodeConfig(flip_test=False))
+    decode_images(net, torch.zeros(1, 3, 256, 224), LAYOUT,
+                  DecodeConfig(flip_test=False, scales=(2.0,)))
+    assert net.sizes == [(256, 224), (512, 448)]
+
+
+def test_a_network_without_refine_under_autocast():
+    """The refinement step is skipped, not called, for a network without ``refine``, also
+    under the caller's autocast (which wraps the refine it runs)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        poses, _, valid = decode_images(_NoRefine(), torch.zeros(1, 3, 256, 256), LAYOUT,
+                                        DecodeConfig(flip_test=False))
+    assert int(valid.sum()) == 4 * LAYOUT.num_parts and poses.dtype == torch.float32

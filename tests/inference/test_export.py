@@ -21,7 +21,6 @@ from pinet_lightning.cli.config import config_dir  # noqa: E402
 from pinet_lightning.cli.export import main as export_main  # noqa: E402
 from pinet_lightning.cli.predict import graph_decode_overrides, predict  # noqa: E402
 from pinet_lightning.codec.codec import PINetCodec  # noqa: E402
-from pinet_lightning.codec.conventions import get_convention  # noqa: E402
 from pinet_lightning.inference.decoding import DecodeConfig, decode_images, predict_poses  # noqa: E402
 from pinet_lightning.inference.export import ExportError, export_network, export_onnx  # noqa: E402
 from pinet_lightning.inference.onnx_model import OnnxPINet, onnx_providers  # noqa: E402
@@ -196,21 +195,6 @@ def test_non_square_images_are_fitted_into_the_graph_input(exported):
     (poses, scores), = predict_poses(model, batch, None, back[None], DecodeConfig())
     want = [Person(p.numpy(), float(s)) for p, s in zip(poses, scores, strict=True)]
     _same_people(Predictor(graph)(image), want)
-
-
-def test_published_fit_is_the_centred_warp():
-    image = np.random.default_rng(7).integers(1, 256, (90, 160, 3), dtype=np.uint8)
-    published = get_convention("published")
-    fitted, back = published.fit(image, SMALL)  # 160 -> 128, 90 -> 72: 28 border rows each side
-    assert fitted.shape == (SMALL, SMALL, 3)
-    assert not fitted[:27].any() and not fitted[-27:].any() and fitted[29:-29].all()
-    assert np.allclose(back @ [64.0, 64.0, 1.0], [80.0, 45.0])  # centre to centre
-    assert np.allclose(back[:, :2], np.eye(2) * 160 / 128)
-    square = image[:, :90].copy()  # a square image: what resize gives it
-    for convention in (published, get_convention("cell_center")):
-        got, got_back = convention.fit(square, SMALL)
-        want, want_back = convention.resize(square, SMALL, 64)
-        assert np.array_equal(got, want) and np.allclose(got_back, want_back)
 
 
 @pytest.fixture(scope="module")
