@@ -210,6 +210,14 @@ class PINetCodec:
         values = {k: v for k, v in dict(spec or {}).items() if k != "_target_"}
         return cls.from_dict({**values, **overrides})
 
+    @classmethod
+    def for_network(cls, net: Any, **overrides: Any) -> PINetCodec:
+        """The frame a network decodes in: its layout, output stride and convention (the
+        other fields at their defaults), with ``overrides`` applied."""
+        values = {"layout": net.layout, "output_stride": int(getattr(net, "output_stride", 4)),
+                  "convention": get_convention(getattr(net, "convention", None)).name}
+        return cls(**{**values, **overrides})
+
     def check_network(self, net: Any) -> None:
         """Raise when ``net``'s output stride or convention is not this codec's: its targets
         would sit at shifted or rescaled cells. The message names the setting."""

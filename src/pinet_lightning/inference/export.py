@@ -36,13 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from pinet_lightning.codec.codec import PINetCodec
-from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.inference.decoding import DecodeConfig, decode_images
 from pinet_lightning.model.checkpoints import load_network
 
 __all__ = ["ExportError", "DecodeGraph", "export_network", "export_onnx", "GRAPH_FIELDS",
-           "FUSION_FIELDS", "FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAMES"]
+           "FUSION_FIELDS", "FORMAT", "FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAMES",
+           "INSTALL_EXPORT"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ GRAPH_FIELDS = ("flip_test", "top_k", "score_threshold", "scales", "refine", "nm
                 "nms_medium_size", "nms_kernels", "scale_multiple")
 FUSION_FIELDS = ("oks_threshold", "max_people")
 
-_INSTALL = 'pip install -c constraints.txt ".[export]"'
+# how to install the optional extra (onnx, onnxscript, onnxruntime), for the error messages
+INSTALL_EXPORT = 'pip install -c constraints.txt ".[export]"'
 
 
 class ExportError(ValueError):
@@ -99,9 +100,9 @@ def _onnx() -> Any:
         import onnx  # optional dependency
     except ImportError as err:
         raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({err}); install "
-                          f"them with: {_INSTALL}") from err
+                          f"them with: {INSTALL_EXPORT}") from err
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
-        raise ImportError(f"exporting to ONNX needs onnxscript; install it with: {_INSTALL}")
+        raise ImportError(f"exporting to ONNX needs onnxscript; install it with: {INSTALL_EXPORT}")
     return onnx
 
 
@@ -141,10 +142,8 @@ def export_network(net: nn.Module, output: str | Path, input_size: int,
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     dynamic_shapes={"images": {0: batch}},
                                     opset_version=opset_version)
-    if codec is None:
-        codec = PINetCodec(graph.layout, output_stride=int(getattr(net, "output_stride", 4)),
-                           convention=get_convention(getattr(net, "convention", None)).name)
-    codec = PINetCodec.from_any(codec, input_size=input_size)
+    codec = PINetCodec.from_any(codec if codec is not None else PINetCodec.for_network(net),
+                                input_size=input_size)
     props = {
         "pinet_lightning.format": FORMAT,
         "pinet_lightning.format_version": str(FORMAT_VERSION),

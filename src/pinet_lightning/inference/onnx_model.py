@@ -29,21 +29,24 @@ from torch import Tensor
 
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.inference.decoding import DecodeConfig, fuse_candidates
-from pinet_lightning.inference.export import FORMAT, FORMAT_VERSION, GRAPH_FIELDS, INPUT_NAME
+from pinet_lightning.inference.export import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FIELDS,
+    INPUT_NAME,
+    INSTALL_EXPORT,
+)
 
 __all__ = ["OnnxPINet", "onnx_providers"]
 
 log = logging.getLogger(__name__)
-
-_INSTALL = 'pip install -c constraints.txt ".[export]"'
-
 
 def _onnxruntime() -> Any:
     try:
         import onnxruntime  # optional dependency
     except ImportError as err:
         raise ImportError(f"running an .onnx model needs onnxruntime ({err}); install it with: "
-                          f"{_INSTALL} (onnxruntime-gpu for CUDA)") from err
+                          f"{INSTALL_EXPORT} (onnxruntime-gpu for CUDA)") from err
     return onnxruntime
 
 

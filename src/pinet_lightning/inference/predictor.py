@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pinet_lightning.codec.codec import PINetCodec
-from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.images import read_image
 from pinet_lightning.inference.decoding import DecodeConfig, predict_poses
 from pinet_lightning.inference.onnx_model import OnnxPINet
@@ -112,8 +111,7 @@ class Predictor:
             self.device = _resolve_device(device)
             self.net = net.to(self.device).eval()
             if codec is None:
-                codec = PINetCodec(net.layout, convention=get_convention(
-                    getattr(net, "convention", None)).name)
+                codec = PINetCodec.for_network(net)
             overrides = {} if input_size is None else {"input_size": int(input_size)}
             self.codec = PINetCodec.from_any(codec, **overrides)
             self.decode_cfg = DecodeConfig.from_any(decode_cfg)

@@ -141,11 +141,11 @@ def _codec_and_data(net: PINet, record: Mapping[str, Any], data: Mapping[str, An
     if codec is not None:
         return PINetCodec.from_dict(codec), data
     size = record.get("input_size") or legacy.get("input_size") or DEFAULT_INPUT_SIZE
-    return PINetCodec(net.layout, input_size=int(size),
-                      output_stride=int(legacy.get("output_stride") or net.output_stride),
-                      convention=net.convention.name,
-                      sparse=bool(legacy.get("sparse_targets", True)),
-                      targets=dict(legacy.get("targets") or {})), data
+    return PINetCodec.for_network(
+        net, input_size=int(size),
+        output_stride=int(legacy.get("output_stride") or net.output_stride),
+        sparse=bool(legacy.get("sparse_targets", True)),
+        targets=dict(legacy.get("targets") or {})), data
 
 
 def _from_lightning(blob: Mapping[str, Any], path: Path) -> LoadedNetwork:
@@ -200,8 +200,7 @@ def load_network(path: str | Path, trust_checkpoint: bool = False) -> LoadedNetw
 
 def published_codec(net: PINet) -> PINetCodec:
     """The frame the published weights were trained in: input 512, the published convention."""
-    return PINetCodec(net.layout, input_size=PUBLISHED_INPUT_SIZE,
-                      output_stride=net.output_stride, convention="published")
+    return PINetCodec.for_network(net, input_size=PUBLISHED_INPUT_SIZE, convention="published")
 
 
 def convert_published(src: str | Path, dst: str | Path, layout: str | None = "crowdpose",

@@ -9,7 +9,7 @@ how strictly they are loaded.
   reads the cache only). When they can be neither fetched nor found in the cache the run
   stops at once, saying so and naming the file option; it never falls back to random weights.
 - a local file: ``.pth`` / ``.pt`` / ``.bin`` (read with ``torch.load(weights_only=True)``
-  by :func:`pinet_lightning.model.checkpoints.load_file`: nothing in it runs) or ``.safetensors``;
+  by :func:`pinet_lightning.core.files.load_file`: nothing in it runs) or ``.safetensors``;
   a plain state dict or a checkpoint holding one under ``state_dict`` / ``model``, keys
   optionally prefixed ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile). timm's
   ``hrnet_w32`` weights, and the official HRNet ImageNet release the published PINet loads
