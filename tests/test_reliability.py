@@ -16,12 +16,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from tiny_run import tiny_run
+from tiny_run import compose_config, read_checkpoint, tiny_run
 
-from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.predict import predict
 from pinet_lightning.cli.train import train
 from pinet_lightning.codec.codec import PINetCodec
@@ -156,20 +154,16 @@ def test_skip_invalid_leaves_bad_ground_truth_images_out():
 
 
 # ----------------------------------------------------------------- config time
-def _compose(root: Path, overrides: list[str], name: str = "train"):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=[f"paths.root_dir={root}", *overrides])
-
 
 def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
 
-    cfg = _compose(tmp_path, ["codec.input_size=500"])
+    cfg = compose_config(tmp_path, ["codec.input_size=500"])
     # before: the first training step crashed inside HRNet, naming no setting
     with pytest.raises((ValueError, InstantiationException),
                        match=r"codec\.input_size=500 must be a positive multiple of 32.*"
                              r"codec\.input_size=480 or 512"):
         instantiate(cfg.data, _convert_="all")
-    dm = instantiate(_compose(tmp_path, ["codec.input_size=96"]).data, _convert_="all")
+    dm = instantiate(compose_config(tmp_path, ["codec.input_size=96"]).data, _convert_="all")
     assert dm.codec.input_size == 96
 
 
@@ -220,9 +214,9 @@ def test_pinet_predict_goes_past_unreadable_images(tiny_model, tmp_path):
     (folder / "c.jpg").mkdir()  # a folder named like an image
     (folder / "e.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={folder}",
-                              f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
-                              "draw=false"], "predict")
+    cfg = compose_config(tmp_path, [f"ckpt_path={tiny_model}", f"input={folder}",
+                                    f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
+                                    "draw=false"], "predict")
     summary = predict(cfg)
     assert summary["images"] == 2 and summary["unreadable"] == 3
     ids = json.loads((out / "image_ids.json").read_text())
@@ -255,9 +249,9 @@ def test_pinet_predict_writes_results_for_what_it_read_when_stopped(tiny_model, 
 
     monkeypatch.setattr(Predictor, "predict", second_fails)
     out = tmp_path / "out"
-    cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={folder}",
-                              f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
-                              "draw=false"], "predict")
+    cfg = compose_config(tmp_path, [f"ckpt_path={tiny_model}", f"input={folder}",
+                                    f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
+                                    "draw=false"], "predict")
     with pytest.raises(RuntimeError, match="device lost"):
         predict(cfg)
     ids = json.loads((out / "image_ids.json").read_text())
@@ -271,12 +265,8 @@ TINY = tiny_run("data.batch_size=4", "trainer.accelerator=cpu",
 
 
 def _train_cfg(root: Path, run_dir: Path, overrides: list[str]):
-    return _compose(root, [f"paths.output_dir={run_dir}", f"run_dir={run_dir}", *TINY,
-                           *overrides])
-
-
-def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return compose_config(root, [f"paths.output_dir={run_dir}", f"run_dir={run_dir}", *TINY,
+                                 *overrides])
 
 
 def test_reported_checkpoint_rule():
@@ -297,7 +287,7 @@ def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
     metrics = train(_train_cfg(tmp_path, run, flat))
     ckpts = run / "checkpoints"
     assert metrics["global_step"] == 8 and metrics["val/AP"] == 0.0
-    last = _ckpt(ckpts / "last.ckpt")
+    last = read_checkpoint(ckpts / "last.ckpt")
     assert last["global_step"] == 8 and last["epoch"] == 3  # step 2 (epoch 0) before
     # the best val/AP file is the first epoch's; the reported one is the last (published)
     assert Path(metrics["best_checkpoint"]).name == "epoch_000.ckpt"
@@ -337,7 +327,7 @@ def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
             train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false"]))
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT afterwards
-    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
     monkeypatch.setattr(PINetModule, "training_step", real_step)
     resumed = train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false"]))
     assert resumed["start_step"] == 3 and resumed["global_step"] == 6
@@ -366,7 +356,7 @@ def test_non_finite_loss_stops_training_and_keeps_last_ckpt(tmp_path, monkeypatc
     with pytest.raises(FloatingPointError, match=rf"NaN or infinite \(loss, heatmap\) "
                                                  rf"{where} \(epoch 1\)"):
         train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false", *check]))
-    last = _ckpt(run / "checkpoints" / "last.ckpt")
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2  # the end of epoch 0; not overwritten by the crash
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values()
                if v.is_floating_point())
@@ -398,5 +388,5 @@ def test_ddp_training_writes_last_ckpt_every_epoch(tmp_path):
         pytest.fail("DDP training did not finish in 300 s (a collective deadlock?)")
     assert proc.returncode == 0, err[-3000:]
     # 8 images, 2 ranks x batch 2: 2 steps an epoch
-    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6

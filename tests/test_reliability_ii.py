@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from pytorch_lightning.utilities._pytree import _tree_flatten
+from tiny_run import SYNTHETIC, TINY_TRAINING, compose_config, read_checkpoint
 
-from pinet_lightning.cli.config import check_trainer_settings, config_dir, moved_settings
+from pinet_lightning.cli.config import check_trainer_settings, moved_settings
 from pinet_lightning.cli.convert import main
 from pinet_lightning.cli.eval import evaluate
 from pinet_lightning.cli.predict import predict
@@ -46,28 +46,13 @@ from pinet_lightning.training.module import (
     check_same_frame,
 )
 
-TINY = [
-    "codec.input_size=64", "data.batch_size=4", "data.num_workers=0", "data.pin_memory=false",
-    "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
-    "trainer.check_val_every_n_epoch=1", "model.network.refine_layers=1",
-    "callbacks.prediction_figure.num_images=0", "threads=1", "logger=[]",
-]
-SYNTHETIC = ["data.synthetic.image_size=64", "data.synthetic.num_train=8",
-             "data.synthetic.num_val=2", "data.synthetic.max_people=3"]
-
-
-def _compose(root: Path, overrides: list[str], name: str = "train"):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=[f"paths.root_dir={root}", *overrides])
+TINY = [*TINY_TRAINING, "data.batch_size=4", "trainer.accelerator=cpu",
+        "callbacks.prediction_figure.num_images=0", "logger=[]"]
 
 
 def _train_cfg(root: Path, run: Path, overrides: list[str], synthetic: bool = True):
-    return _compose(root, [f"paths.output_dir={run}", f"run_dir={run}", *TINY,
-                           *(SYNTHETIC if synthetic else []), *overrides])
-
-
-def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return compose_config(root, [f"paths.output_dir={run}", f"run_dir={run}", *TINY,
+                                 *(SYNTHETIC if synthetic else []), *overrides])
 
 
 def _all_finite(state: dict) -> bool:
@@ -105,7 +90,7 @@ def test_lr_1e6_stops_the_run_and_writes_no_diverged_weights(tmp_path):
     assert not (run / "checkpoints" / "model.pt").exists()
     assert not (run / "metrics.json").exists()
     last = run / "checkpoints" / "last.ckpt"
-    assert not last.exists() or _all_finite(_ckpt(last)["state_dict"])
+    assert not last.exists() or _all_finite(read_checkpoint(last)["state_dict"])
 
 
 def test_non_finite_batch_norm_statistics_stop_the_run(tmp_path, monkeypatch):
@@ -129,7 +114,7 @@ def test_non_finite_batch_norm_statistics_stop_the_run(tmp_path, monkeypatch):
                                               r"running_var\)"):
         train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false",
                                          "+model.finite_check_every=2"]))
-    last = _ckpt(run / "checkpoints" / "last.ckpt")
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2 and _all_finite(last["state_dict"])
 
 
@@ -141,7 +126,7 @@ def _exploding_loss(monkeypatch, at_step: int, factor: float) -> None:
     def explodes(self, outputs, targets, net):
         losses = real_loss(self, outputs, targets, net)
         calls.append(1)
-        if len(calls) == at_step + 1:  # finite, but factor x larger
+        if len(calls) == at_step + 1:  # factor x larger (a NaN factor: a NaN loss)
             losses = {**losses, "loss": losses["loss"] * factor}
         return losses
 
@@ -156,7 +141,7 @@ def test_a_finite_loss_explosion_stops_the_run(tmp_path, monkeypatch):
                                               r"2\): it reached .* over 1e\+06 x the mean loss "
                                               r"of the run's first epoch"):
         train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false"]))
-    last = _ckpt(run / "checkpoints" / "last.ckpt")
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and last["loss_reference"] > 0  # carried for a resume
 
 
@@ -171,7 +156,7 @@ def test_the_explosion_rule_is_a_setting(tmp_path, monkeypatch):
                                                       "model.explosion_factor=null"]))
     assert off["global_step"] == 6
     with pytest.raises((ValueError, InstantiationException), match="explosion_factor"):
-        instantiate(_compose(tmp_path, ["model.explosion_factor=0.5"]).model)
+        instantiate(compose_config(tmp_path, ["model.explosion_factor=0.5"]).model)
 
 
 def test_epoch_end_check_keeps_a_late_nan_out_of_last_ckpt(tmp_path, monkeypatch):
@@ -179,24 +164,14 @@ def test_epoch_end_check_keeps_a_late_nan_out_of_last_ckpt(tmp_path, monkeypatch
     validation runs that epoch: only the epoch-end check stands between a NaN in the last
     step and last.ckpt."""
 
-    real_loss = PINetLoss.forward
-    calls = []
-
-    def nan_at_step_1(self, outputs, targets, net):
-        losses = real_loss(self, outputs, targets, net)
-        calls.append(1)
-        if len(calls) == 2:  # step 1, the last of epoch 0
-            losses = {**losses, "loss": losses["loss"] * float("nan")}
-        return losses
-
-    monkeypatch.setattr(PINetLoss, "forward", nan_at_step_1)
+    _exploding_loss(monkeypatch, at_step=1, factor=float("nan"))  # step 1: epoch 0's last
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"between steps 0 and 1 \(epoch 0\)"):
         train(_train_cfg(tmp_path, run, ["trainer.max_epochs=2", "test=false",
                                          "trainer.check_val_every_n_epoch=5",
                                          "+model.finite_check_every=100"]))
     last = run / "checkpoints" / "last.ckpt"
-    assert not last.exists() or _all_finite(_ckpt(last)["state_dict"])
+    assert not last.exists() or _all_finite(read_checkpoint(last)["state_dict"])
 
 
 def test_save_model_refuses_non_finite_weights(tmp_path):
@@ -232,7 +207,7 @@ def test_sigterm_exits_143_with_the_resume_command(tmp_path, monkeypatch, caplog
     assert stop.value.code == 143  # None (exit status 0) before
     assert "stopped by SIGTERM" in caplog.text
     assert f"run_dir={run} ckpt_path=last" in caplog.text
-    step = _ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
+    step = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert step in (3, 4)
     monkeypatch.setattr(PINetModule, "training_step", real_step)
     resumed = train(_train_cfg(tmp_path, run, ["trainer.max_epochs=3", "test=false",
@@ -280,10 +255,11 @@ def test_a_training_file_without_people_is_a_clear_error(tmp_path, crowd, file, 
 
 def test_pinet_eval_on_an_empty_split_fails(tmp_path, crowd, tiny_model):
 
-    cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", *_custom(crowd, test="no_images.json"),
-                              "input_size=64", "data.num_workers=0",
-                              "trainer.accelerator=cpu", f"run_dir={tmp_path / 'e'}",
-                              f"paths.output_dir={tmp_path / 'e'}"], "eval")
+    cfg = compose_config(tmp_path, [f"ckpt_path={tiny_model}",
+                                    *_custom(crowd, test="no_images.json"), "input_size=64",
+                                    "data.num_workers=0",
+                                    "trainer.accelerator=cpu", f"run_dir={tmp_path / 'e'}",
+                                    f"paths.output_dir={tmp_path / 'e'}"], "eval")
     with pytest.raises(ValueError, match=r"data\.test: .*no_images\.json has no image to "
                                          r"evaluate"):
         evaluate(cfg)  # before: exit 0 and a metrics.json without metrics
@@ -311,9 +287,10 @@ def test_predicted_keypoints_are_in_the_displayed_frame(rotated_photo, tiny_mode
     # pinet-predict records the displayed size
 
     out = tmp_path / "out"
-    predict(_compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={path}", f"output_dir={out}",
-                                f"paths.output_dir={out}", "device=cpu", "draw=false"],
-                     "predict"))
+    predict(compose_config(tmp_path, [f"ckpt_path={tiny_model}", f"input={path}",
+                                      f"output_dir={out}", f"paths.output_dir={out}",
+                                      "device=cpu", "draw=false"],
+                           "predict"))
     (record,) = json.loads((out / "image_ids.json").read_text())
     assert (record["height"], record["width"]) == (40, 60)
 
@@ -355,9 +332,9 @@ def test_pinet_predict_lists_a_zero_byte_image_as_unreadable(with_empty_image, t
 
     images, name = with_empty_image
     out = tmp_path / "out"
-    summary = predict(_compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={images}",
-                                          f"output_dir={out}", f"paths.output_dir={out}",
-                                          "device=cpu", "draw=false"], "predict"))
+    summary = predict(compose_config(tmp_path, [f"ckpt_path={tiny_model}", f"input={images}",
+                                                f"output_dir={out}", f"paths.output_dir={out}",
+                                                "device=cpu", "draw=false"], "predict"))
     assert summary["images"] == 7 and summary["unreadable"] == 1
     (entry,) = json.loads((out / "unreadable.json").read_text())
     assert entry["file_name"] == name and "empty (0 bytes)" in entry["error"]
@@ -375,7 +352,7 @@ def test_a_trainer_setting_of_the_wrong_type_names_the_override(tmp_path):
 
 def test_trainer_settings_check_accepts_every_config_and_refuses_wrong_types(tmp_path):
     for trainer in ("default", "cpu", "gpu", "ddp", "ddp_cpu"):
-        cfg = _compose(tmp_path, [f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
+        cfg = compose_config(tmp_path, [f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
         check_trainer_settings(cfg.trainer)
     good = {"precision": "bf16-mixed", "limit_val_batches": 0.5, "gradient_clip_val": 1,
             "deterministic": "warn", "devices": "auto", "max_steps": -1}
@@ -398,7 +375,7 @@ def test_data_layout_alone_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"codec differs from the model's in \['layout'\]"):
         check_same_frame(PINetCodec("coco", input_size=64), PINetCodec("crowdpose",
                                                                       input_size=64))
-    cfg = _compose(tmp_path, ["layout=coco"])  # the fix, followed
+    cfg = compose_config(tmp_path, ["layout=coco"])  # the fix, followed
     dm, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
     check_same_frame(dm.codec, model.codec)
     assert model.net.layout.name == dm.codec.layout.name == "coco"
@@ -433,10 +410,10 @@ def test_pinet_eval_on_another_layout_gives_a_fix_that_works(tmp_path, tiny_mode
     with pytest.raises(ValueError, match=r"17 keypoints, but the checkpoint .* layout "
                                          r"'crowdpose' \(14 keypoints\)(.|\n)*layout=\.\.\. does "
                                          r"not change it\): drop data=\.\.\."):
-        evaluate(_compose(tmp_path, [*base, *data, f"run_dir={tmp_path / 'a'}",
-                                     f"paths.output_dir={tmp_path / 'a'}"], "eval"))
-    metrics = evaluate(_compose(tmp_path, [*base, f"run_dir={tmp_path / 'b'}",
-                                           f"paths.output_dir={tmp_path / 'b'}"], "eval"))
+        evaluate(compose_config(tmp_path, [*base, *data, f"run_dir={tmp_path / 'a'}",
+                                           f"paths.output_dir={tmp_path / 'a'}"], "eval"))
+    metrics = evaluate(compose_config(tmp_path, [*base, f"run_dir={tmp_path / 'b'}",
+                                                 f"paths.output_dir={tmp_path / 'b'}"], "eval"))
     assert metrics["split"] == "test" and 0.0 <= metrics["test/AP"] <= 1.0  # followed: works
 
 
@@ -487,9 +464,9 @@ def test_pinet_predict_on_a_full_disk_writes_no_truncated_results(tiny_model, cr
 
     _disk_full_for(monkeypatch, "results.json")
     out = tmp_path / "out"
-    cfg = _compose(tmp_path, [f"ckpt_path={tiny_model}", f"input={crowd / 'images'}",
-                              f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
-                              "draw=false"], "predict")
+    cfg = compose_config(tmp_path, [f"ckpt_path={tiny_model}", f"input={crowd / 'images'}",
+                                    f"output_dir={out}", f"paths.output_dir={out}", "device=cpu",
+                                    "draw=false"], "predict")
     # before: a truncated results.json (not JSON), no image_ids.json, no path in the error
     with pytest.raises(OSError, match=rf"cannot write {out / 'results.json'}: No space left"):
         predict(cfg)
@@ -507,7 +484,7 @@ def test_a_full_disk_never_leaves_a_cut_short_checkpoint(tmp_path, monkeypatch):
     ckpts = run / "checkpoints"
     assert not (ckpts / "epoch_000.ckpt").exists()  # before: a partial file, a valid name
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
-    assert _ckpt(ckpts / "last.ckpt")["global_step"] == 2  # written on the error, whole
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 2  # written on the error, whole
 
 
 # ----------------------------------------------------------------- noise
