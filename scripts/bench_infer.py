@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import tempfile
 import time
@@ -134,14 +135,12 @@ def _video_fps(net: PINet, cfg: DecodeConfig, images: list[np.ndarray], frames: 
     for i in range(frames):
         writer.write(cv2.cvtColor(images[i % len(images)], cv2.COLOR_RGB2BGR))
     writer.release()
-    constant = PINet(net.layout, backbone=net.backbone_name, convention=net.convention.name)
-    constant.load_state_dict(net.state_dict())
+    constant = copy.deepcopy(net)
     with torch.no_grad():  # every cell a peak: top_k proposals per part without planting
         constant.heads.part_heatmap.weight.zero_()
         constant.heads.part_heatmap.bias.fill_(0.5)
     checkpoint = folder / "model.pt"
-    codec = PINetCodec(constant.layout, input_size=args.input_size,
-                       convention=constant.convention.name)
+    codec = PINetCodec.for_network(constant, input_size=args.input_size)
     save_model(checkpoint, constant, extra={"codec": codec.to_dict(), "decode": cfg.to_dict()})
     files = {"pytorch": checkpoint}
     if "onnxruntime" in backends:

@@ -40,23 +40,23 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pinet_lightning.cli  # noqa: F401  (before torch: OMP_WAIT_POLICY as the commands set it)
+
+# isort: split
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import pinet_lightning.cli  # noqa: F401  (before torch: OMP_WAIT_POLICY as the commands set it)
+from pinet_lightning.cli.config import config_dir
 from pinet_lightning.codec.batch import heatmap_targets, train_collate
 from pinet_lightning.core.layouts import get_layout
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # ------------------------------------------------------------------ profile
 def _compose(overrides: Sequence[str]):
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=["paths.output_dir=/tmp/mainjob_profile",
                                            *overrides])
 
@@ -137,7 +137,6 @@ def profile_one(overrides: Sequence[str], warmup: int, steps: int) -> dict[str, 
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = list(itertools.product(args.batch.split(","), args.size.split(","),
@@ -245,7 +244,6 @@ def _test_annotations(cfg: dict) -> Path:
 
 
 def cmd_errors(args: argparse.Namespace) -> None:
-
     run = Path(args.run_dir)
     cfg = _read_config(run)
     layout = get_layout(cfg.get("layout", "crowdpose"))
@@ -276,7 +274,6 @@ def cmd_errors(args: argparse.Namespace) -> None:
 
 
 def _read_config(run: Path) -> dict:
-
     path = run / "config.yaml"
     if not path.is_file():
         raise SystemExit(f"mainjob_curve: {path} not found: give a pinet-train run directory")

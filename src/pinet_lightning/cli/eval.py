@@ -83,7 +83,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
-
     split = str(cfg.get("split", "test"))
     if split not in ("test", "val"):
         raise ValueError(f"pinet-eval: split must be 'test' or 'val', got '{split}'")

@@ -147,7 +147,7 @@ def _load_predictor(cfg: DictConfig, source: Path) -> Predictor:
                                    trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
                                    **decode)
     log.info("predicting on %s with input size %d on %s (%s)", source, predictor.input_size,
-             predictor.device, "onnxruntime" if hasattr(predictor.net, "session") else "PyTorch")
+             predictor.device, "onnxruntime" if predictor.graph is not None else "PyTorch")
     return predictor
 
 

@@ -18,9 +18,9 @@ fixed top-``proposals_per_part`` selection (see :mod:`pinet_lightning.training.p
 shapes are static. Losses are computed in float32 even under bf16 autocast.
 
 Sparse batches (``codec.sparse``, the default): the heatmap targets are rendered on
-the device from their Gaussian windows (:func:`~pinet_lightning.codec.targets.heatmap_targets`,
+the device from their Gaussian windows (:func:`~pinet_lightning.codec.batch.heatmap_targets`,
 equal to the dense ones bit for bit), and the offset loss, the proposal scores and the refine
-targets read Omega's entries (:class:`~pinet_lightning.codec.targets.OmegaBatch`) by gathers and
+targets read Omega's entries (:class:`~pinet_lightning.codec.batch.OmegaBatch`) by gathers and
 sorted searches: the same values as the dense maps, no dense offset map is built.
 
 Refine loss, as the published trainer computes it: all valid proposals (B * m per part; m is

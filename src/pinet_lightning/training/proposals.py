@@ -20,7 +20,7 @@ zero-score cells into the batch-norm statistics (the loss is the same: those cel
 no offset weight).
 
 The offset weights come dense (B, P*K*2, h, w) or as Omega's entries
-(:class:`~pinet_lightning.codec.targets.OmegaBatch`, what the sparse loader sends): the scores, and
+(:class:`~pinet_lightning.codec.batch.OmegaBatch`, what the sparse loader sends): the scores, and
 so the proposals, are the same (the largest weight of a part at a cell is a max either way).
 """
 
