@@ -35,7 +35,6 @@ def test_import_does_not_load_torch():
 
 
 def test_build_save_load_predict_without_hydra(tmp_path):
-
     layout = get_layout("crowdpose")
     net = PINet(layout, backbone="hrnet_w18_small")
     path = tmp_path / "model.pt"

@@ -156,7 +156,6 @@ def test_skip_invalid_leaves_bad_ground_truth_images_out():
 # ----------------------------------------------------------------- config time
 
 def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
-
     cfg = compose_config(tmp_path, ["codec.input_size=500"])
     # before: the first training step crashed inside HRNet, naming no setting
     with pytest.raises((ValueError, InstantiationException),
@@ -168,7 +167,6 @@ def test_input_size_not_a_multiple_of_32_fails_at_construction(tmp_path):
 
 
 def test_keypoint_count_hint_names_the_working_override(tmp_path):
-
     gt, _ = _gt()
     for ann in gt["annotations"]:  # 17 keypoints, as COCO
         ann["keypoints"] = ann["keypoints"] + [1.0, 1.0, 2] * 3
@@ -196,14 +194,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_predictor_on_an_empty_image_is_a_value_error(tiny_model):
-
     predictor = Predictor.from_checkpoint(tiny_model, device="cpu")
     with pytest.raises(ValueError, match=r"empty \(0 x 0 pixels\)"):
         predictor(np.zeros((0, 0, 3), np.uint8))  # ZeroDivisionError before
 
 
 def test_pinet_predict_goes_past_unreadable_images(tiny_model, tmp_path):
-
     folder = tmp_path / "in"
     folder.mkdir()
     image = np.full((64, 80, 3), 120, np.uint8)
@@ -233,7 +229,6 @@ def test_pinet_predict_goes_past_unreadable_images(tiny_model, tmp_path):
 
 def test_pinet_predict_writes_results_for_what_it_read_when_stopped(tiny_model, tmp_path,
                                                                    monkeypatch):
-
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a.jpg", "b.jpg"):
@@ -270,7 +265,6 @@ def _train_cfg(root: Path, run_dir: Path, overrides: list[str]):
 
 
 def test_reported_checkpoint_rule():
-
     assert reported_checkpoint("last", "epoch_001.ckpt", "last.ckpt") == "last.ckpt"
     assert reported_checkpoint("best", "epoch_001.ckpt", "last.ckpt") == "epoch_001.ckpt"
     assert reported_checkpoint("best", None, "last.ckpt") == "last.ckpt"  # no validation
@@ -280,7 +274,6 @@ def test_reported_checkpoint_rule():
 
 
 def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
-
     run = tmp_path / "run"
     # no pose passes the peak threshold: val/AP is 0.0 at every epoch (flat)
     flat = ["trainer.max_epochs=4", "decode.score_threshold=1e9"]
@@ -311,7 +304,6 @@ def test_flat_val_ap_keeps_last_ckpt_current_and_reports_it(tmp_path):
 
 
 def test_interrupted_run_resumes_at_the_step_it_reached(tmp_path, monkeypatch):
-
     real_step = PINetModule.training_step
 
     def interrupted_at_3(self, batch, batch_idx):

@@ -14,10 +14,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from tiny_run import tiny_run
+from tiny_run import compose_config, tiny_run
 
-from pinet_lightning.cli.config import config_dir
 from pinet_lightning.cli.train import train
 from pinet_lightning.model.checkpoints import convert_published
 
@@ -30,11 +28,8 @@ TINY = tiny_run("data.batch_size=4", "trainer.accelerator=cpu",
 
 
 def _compose(root: Path, run_dir: Path, overrides: list[str], tiny: bool = True):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root_dir={root}",
-                                           f"paths.output_dir={run_dir}",
-                                           f"run_dir={run_dir}", *(TINY if tiny else []),
-                                           *overrides])
+    return compose_config(root, [f"paths.output_dir={run_dir}", f"run_dir={run_dir}",
+                                 *(TINY if tiny else []), *overrides])
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -210,7 +205,6 @@ def test_eval_and_predict_with_converted_published_weights(trained, tmp_path):
 
 
 def test_pinet_predict_on_a_folder_and_a_video(trained, tmp_path):
-
     run_dir, _ = trained
     images = sorted((run_dir.parent / "data" / "synthetic" / "val" / "images").glob("*.jpg"))
     folder = tmp_path / "in"

@@ -11,13 +11,18 @@ import pinet_lightning.conf
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tiny_run import compose_config
 
 import pinet_lightning.cli
 from pinet_lightning.cli import auto_precision
-from pinet_lightning.cli.config import config_dir, instantiate_group, moved_settings
+from pinet_lightning.cli.config import (
+    check_trainer_settings,
+    config_dir,
+    instantiate_group,
+    moved_settings,
+)
 from pinet_lightning.cli.ddp import ConfigScriptLauncher, HydraDDPStrategy, install_launcher
 from pinet_lightning.core.layouts import get_layout
 from pinet_lightning.data.datamodule import DATASET_DEFAULT
@@ -39,15 +44,12 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(name: str, overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(name, overrides=[f"paths.output_dir={tmp_path}",
-                                       f"paths.root_dir={tmp_path}", *overrides])
+    cfg = compose_config(tmp_path, [f"paths.output_dir={tmp_path}", *overrides], name)
     OmegaConf.resolve(cfg)  # every interpolation must resolve
     return cfg
 
 
 def test_config_dir_is_the_package_folder():
-
     assert CONF == Path(pinet_lightning.conf.__file__).resolve().parent
     for name in ("train.yaml", "eval.yaml", "predict.yaml"):
         assert (CONF / name).is_file()
@@ -225,13 +227,13 @@ def test_model_options_instantiate(tmp_path, model):
 def test_trainer_options_compose(tmp_path, trainer):
     cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    check_trainer_settings(cfg.trainer)  # every value of the right type for Lightning
     assert cfg.trainer.default_root_dir == str(tmp_path)
     if trainer.startswith("ddp"):
         assert cfg.trainer.devices == 2
 
 
 def test_ddp_cpu_trainer_uses_our_launcher(tmp_path):
-
     cfg = _compose("train", ["trainer=ddp_cpu"], tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False,
                           enable_model_summary=False, _convert_="all")
@@ -242,7 +244,6 @@ def test_ddp_cpu_trainer_uses_our_launcher(tmp_path):
 
 
 def test_plain_ddp_strategy_gets_our_launcher(tmp_path):
-
     cfg = _compose("train", ["trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
                    tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, _convert_="all")
@@ -253,7 +254,6 @@ def test_plain_ddp_strategy_gets_our_launcher(tmp_path):
 
 @pytest.mark.parametrize("logger", _options("logger"))
 def test_logger_options_instantiate(tmp_path, logger):
-
     cfg = _compose("train", [f"logger={logger}"], tmp_path)
     (lg,) = instantiate_group(cfg.logger)
     assert type(lg).__name__.lower().startswith(logger[:3])
@@ -267,7 +267,6 @@ def test_several_loggers_at_once(tmp_path):
 
 
 def test_callbacks_instantiate(tmp_path):
-
     cfg = _compose("train", [], tmp_path)
     callbacks = instantiate_group(cfg.callbacks)
     types = {type(c) for c in callbacks}
@@ -290,7 +289,6 @@ def test_callbacks_instantiate(tmp_path):
 
 
 def test_decode_group_matches_decode_config(tmp_path):
-
     cfg = _compose("predict", ["ckpt_path=x.ckpt", "input=y"], tmp_path)
     decode = DecodeConfig.from_any(OmegaConf.to_container(cfg.decode))
     assert decode == DecodeConfig()  # the yaml holds exactly DecodeConfig's defaults
@@ -307,7 +305,6 @@ def test_eval_and_predict_configs(tmp_path):
 
 
 def test_run_dir_resolver():
-
     cfg = OmegaConf.create({"run_dir": None, "d": "${pinet_or:${run_dir},fallback}"})
     assert cfg.d == "fallback"
     cfg.run_dir = "/runs/x"
@@ -315,7 +312,6 @@ def test_run_dir_resolver():
 
 
 def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
-
     cfg = _compose("train", ["trainer=cpu"], tmp_path)
     assert cfg.trainer.precision == "32-true"
     cfg = _compose("train", ["trainer.precision=16-mixed"], tmp_path)
@@ -331,7 +327,6 @@ def test_precision_is_bf16_only_on_a_bf16_gpu(tmp_path, monkeypatch):
 
 
 def _signature_defaults(obj) -> dict:
-
     return {name: p.default for name, p in inspect.signature(obj).parameters.items()
             if p.default is not inspect.Parameter.empty}
 

@@ -110,7 +110,6 @@ def _run(script: Path, args: list[str], out_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_ddp_validation_equals_single_process(synthetic_crowd, tmp_path):
-
     images, ann = synthetic_crowd
     # An odd number of validation images: the sampler pads one duplicate on rank 1.
     data = json.loads(Path(ann).read_text())

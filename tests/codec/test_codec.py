@@ -81,6 +81,9 @@ def test_codec_survives_a_weights_only_load(tmp_path):
 def test_bad_settings_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PINetCodec(**kwargs)
+
+
+def test_from_dict_refuses_an_unknown_field():
     with pytest.raises(ValueError, match="unknown codec fields"):
         PINetCodec.from_dict({"input_sise": 64})
 

@@ -11,9 +11,6 @@ import torch.nn.functional as F
 
 from pinet_lightning.codec.conventions import get_convention
 from pinet_lightning.core.constants import IMAGENET_MEAN
-from pinet_lightning.core.layouts import get_layout
-from pinet_lightning.inference.decoding import fuse_batch
-from pinet_lightning.inference.fusion import oks_matrix, pose_fusion
 from pinet_lightning.model.refinement import _bilinear_gather
 
 OURS, PUBLISHED = get_convention("cell_center"), get_convention("published")
@@ -100,26 +97,3 @@ def test_published_inference_resize_is_a_centred_warp():
     assert ours_back[0, 2] != pytest.approx(back[0, 2])  # ours pads right / bottom instead
     with pytest.raises(ValueError, match="empty"):
         PUBLISHED.resize(np.zeros((0, 5, 3), np.uint8), 512)
-
-
-def test_fusion_order_is_the_mean_keypoint_score():
-    """A overlaps B and B overlaps C, A and C do not: whoever leads decides the clusters. B
-    has the best mean keypoint score, A the best part-heatmap peak."""
-    layout = get_layout("crowdpose")
-    k = layout.num_keypoints
-    base = np.stack([np.linspace(0, 60, k), np.linspace(0, 120, k)], -1)
-    poses = np.stack([base, base + [6.0, 0.0], base + [12.0, 0.0]])
-    kpt = np.array([0.5, 0.8, 0.3])[:, None].repeat(k, 1)
-    with_scores = np.concatenate([poses, kpt[..., None]], -1)
-    peaks = np.array([0.9, 0.2, 0.1])
-    sigmas = np.asarray(layout.sigmas)
-
-    oks = oks_matrix(poses, poses, sigmas)
-    assert oks[0, 1] > 0.7 and oks[1, 2] > 0.7 and oks[0, 2] <= 0.7
-    by_peak, _ = pose_fusion(with_scores, peaks, sigmas, 0.7)
-    assert len(by_peak) == 2  # A leads {A, B}, C alone
-    (fused, scores), = fuse_batch(torch.from_numpy(with_scores)[None].float(),
-                                  torch.ones(1, 3, dtype=torch.bool), layout.sigmas)
-    assert fused.shape == (1, k, 3)  # B leads and takes A and C
-    assert torch.allclose(fused[0, :, :2], torch.from_numpy(poses[1]).float())
-    assert float(scores[0]) == pytest.approx(0.8)

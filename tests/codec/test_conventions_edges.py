@@ -125,7 +125,6 @@ def test_keypoint_scores_of_ours_are_bilinear_at_the_cell():
 
 
 def test_the_base_convention_is_abstract():
-
     base = Convention()
     for call in (lambda: base.cell_to_input(torch.zeros(1, 2), 4),
                  lambda: base.input_to_cell(np.zeros((1, 2)), 4),

@@ -153,7 +153,6 @@ def test_omega_output_dtypes_also_when_empty():
 
 
 def test_windows_format_keys():
-
     kp = _people([(4, 4, 2), (5, 6, 2), (6, 5, 2)])
     windows = encode_targets(kp, [16.0], TINY, (8, 8), heatmaps_format="windows")
     assert "target_shape" in windows and "offsets" in windows  # dense offsets, windows heat

@@ -110,7 +110,6 @@ def test_other_categories_are_ignored_with_a_count(tmp_path, caplog, train):
 
 
 def test_person_category_chosen_by_name_else_the_only_one_with_keypoints(tmp_path):
-
     cats = [{"id": 5, "name": "hand"}, {"id": 3, "name": "pedestrian",
                                        "keypoints": [f"k{i}" for i in range(K)]}]
     data = _coco([_person(5, 5, 1, 1, category_id=3)], categories=cats)
@@ -219,7 +218,6 @@ def test_skip_invalid_drops_the_whole_image_of_a_bad_annotation(tmp_path, caplog
 
 
 def test_validation_does_not_modify_the_input():
-
     data = _two_people()
     del data["annotations"][0]["bbox"]
     before = copy.deepcopy(data)
@@ -266,7 +264,6 @@ def test_read_image_names_a_folder_as_a_folder(tmp_path):
 
 
 def test_real_crowdpose_file_passes_unchanged(crowdpose_val_json):
-
     data = json.loads(crowdpose_val_json.read_text())
     clean, report = validate_coco_keypoints(data, crowdpose_val_json, num_keypoints=14)
     assert clean["annotations"] == data["annotations"]  # nothing to fill in or drop

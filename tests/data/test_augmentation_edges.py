@@ -109,7 +109,6 @@ def test_ignore_mask_padding_value():
 
 
 def test_affine_settings_and_defaults():
-
     own = SquareCropAffine(32)  # its own defaults are the SPEC's too
     assert own.crop_scale == (0.75, 1.5) and own.max_translate == 0.2
     assert tuple(own.rotate) == (-30.0, 30.0) and own.fill_mask == 0 and own.p == 1.0
@@ -140,7 +139,6 @@ def test_affine_settings_and_defaults():
 
 
 def test_enlarging_is_bilinear_and_tiny_fits():
-
     ramp = np.tile((np.arange(8) * 30).astype(np.uint8)[None, :, None], (8, 1, 3))
     out, _ = inference_resize(ramp, input_size=16, multiple=16)
 

@@ -118,7 +118,6 @@ def test_eval_batch_of_equal_sizes_and_mixed_sizes_error(tmp_path):
 
 
 def test_lightning_can_inject_a_distributed_sampler(tmp_path):
-
     dm = _dm(tmp_path)
     dm.prepare_data()
     dm.setup("fit")

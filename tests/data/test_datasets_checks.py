@@ -150,7 +150,6 @@ def test_a_broken_header_is_caught_by_the_full_walk_only(tmp_path):
 
 
 def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
-
     bgr = np.zeros((6, 8, 3), np.uint8)
     bgr[..., 2] = 250  # red in OpenCV's BGR order
     cv2.imwrite(str(tmp_path / "red.png"), bgr)
@@ -164,7 +163,6 @@ def test_read_image_is_rgb_and_refuses_undecodable_files(tmp_path):
 
 
 def test_hull_of_the_labelled_keypoints():
-
     kp = np.array([[1.0, 2.0, 2], [5.0, 7.0, 1], [9.0, 9.0, 0]])
     assert _hull(kp) == [1.0, 2.0, 4.0, 5.0]  # v = 0 points left out
     assert _hull(np.zeros((3, 3))) == [0.0, 0.0, 0.0, 0.0]

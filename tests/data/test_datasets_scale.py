@@ -9,14 +9,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-import torch as _torch
-from test_datasets import IDENTITY, K, _person, _write
+from test_datasets import CODEC_64, IDENTITY, K, _person, _write
 
 from pinet_lightning.codec.codec import PINetCodec
 from pinet_lightning.data.datasets import CocoKeypointDataset
-
-# 64 px inputs, dense targets (the tests read the maps)
-CODEC_64 = PINetCodec(input_size=64, sparse=False)
 
 
 def _weights(sample: dict) -> set[float]:
@@ -84,23 +80,21 @@ def test_who_is_a_person_and_what_the_mask_ignores(tmp_path):
 
 
 def test_augmentation_reseeded_from_torch_per_worker(tmp_path):
-
     img_dir, ann = _write(tmp_path, [_person(20, 20)])
     def make() -> CocoKeypointDataset:
         return CocoKeypointDataset(img_dir, ann, codec=CODEC_64,
                                    train=True)
 
-    _torch.manual_seed(5)
+    torch.manual_seed(5)
     first = make()
     a, b = first[0]["image"], first[0]["image"]
-    _torch.manual_seed(5)
+    torch.manual_seed(5)
     again = make()[0]["image"]
     assert torch.equal(a, again)  # the same torch seed: the same augmentation
     assert not torch.equal(a, b)  # the generator goes on between samples
 
 
 def test_eval_samples_and_settings(tmp_path, caplog):
-
     img_dir, ann = _write(tmp_path, [_person(5, 5)], images=[
         {"id": 1, "file_name": "a.jpg", "height": 64, "width": 96},
         {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}])

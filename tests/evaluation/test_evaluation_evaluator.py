@@ -106,7 +106,6 @@ def test_an_evaluator_error_reaches_every_rank(tmp_path):
 
 
 def test_gather_under_torch_distributed_of_one_process(tmp_path):
-
     assert _all_gather_objects({1: []}) == [{1: []}]  # outside torch.distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
@@ -117,7 +116,6 @@ def test_gather_under_torch_distributed_of_one_process(tmp_path):
 
 
 def test_evaluator_passes_its_sigmas_and_skip_invalid(tmp_path):
-
     sigmas = np.full(17, 0.1)
     gt, preds = _moved_people(sigmas, 1.0)
     gt["annotations"][2]["keypoints"][0] = None  # image 2 holds an invalid record

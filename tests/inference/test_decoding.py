@@ -77,7 +77,6 @@ class OracleNet(nn.Module):
         self.output_stride = STRIDE                                       # .convention
 
     def _targets(self, people: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
-
         cells = people.copy()
         cells[..., :2] = self.drawn_with.input_to_cell(cells[..., :2], STRIDE)
         ext = people[..., :2].max(1) - people[..., :2].min(1)
@@ -292,7 +291,6 @@ class TinyNet(nn.Module):
                 "part_heatmaps": y[:, K:K + p].sigmoid(), "offsets": 4 * y[:, K + p:]}
 
     def refine(self, features, poses, cells, batch_index):
-
         return 0.3 * torch.tanh(sample_features(features, poses, batch_index)[..., :2])
 
 

@@ -281,7 +281,6 @@ def test_legacy_decode_fields():
 
 
 def test_gather_offsets_names_the_expected_channels():
-
     with pytest.raises(ValueError, match=r"offsets have 10 channels, expected P\*K\*2 = 84"):
         gather_offsets(torch.zeros(1, 10, 4, 4), torch.zeros(1, P, 2, dtype=torch.long), K)
 

@@ -41,7 +41,6 @@ def _same(a: list[Person], b: list[Person]) -> None:
 
 
 def test_predictor_inputs_array_path_and_list(small_net, image, tmp_path):
-
     predictor = Predictor(small_net, decode_cfg=KEEP_ALL, input_size=64, device="cpu")
     people = predictor(image)
     assert isinstance(people, list) and len(people) > 0
@@ -62,7 +61,6 @@ def test_predictor_inputs_array_path_and_list(small_net, image, tmp_path):
 
 
 def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
-
     scores = torch.tensor([0.9, 0.05, 0.3, 0.1])
     poses = torch.arange(4 * 14 * 3, dtype=torch.float32).reshape(4, 14, 3)
 
@@ -78,7 +76,6 @@ def test_min_score_drops_weak_people_only(small_net, image, monkeypatch):
 
 
 def test_from_checkpoint_save_model_file(small_net, image, tmp_path):
-
     path = tmp_path / "pinet.pt"
     save_model(path, small_net, extra={"decode": {"flip_test": False}})
     loaded = Predictor.from_checkpoint(path, device="cpu", input_size=64, **KEEP_ALL)
@@ -106,7 +103,6 @@ def test_from_checkpoint_lightning(small_net, image, tmp_path):
 
 
 def test_from_checkpoint_uses_the_trained_input_size(small_net, tmp_path):
-
     path = tmp_path / "with_size.pt"
     save_model(path, small_net, extra={"input_size": 128})
     assert Predictor.from_checkpoint(path, device="cpu").input_size == 128

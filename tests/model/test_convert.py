@@ -74,7 +74,6 @@ def test_every_published_tensor_maps_and_loads_strictly(published_state, convert
 
 
 def test_converted_file_loads_in_the_predictor_with_published_conventions(converted):
-
     _, dst = converted
     predictor = Predictor.from_checkpoint(dst, device="cpu")
     assert predictor.input_size == 512

@@ -106,7 +106,6 @@ def test_load_validates(tmp_path, crowdpose_net):
 
 
 def test_pretrained_backbone_file_reaches_the_network(tmp_path):
-
     full = timm.create_model(SMALL)
     path = tmp_path / "imagenet.pth"
     torch.save(full.state_dict(), path)

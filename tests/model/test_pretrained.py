@@ -180,7 +180,6 @@ def test_a_missing_file_and_an_unsafe_file(tmp_path):
 
 
 def test_random_initialisation_is_said_once(caplog):
-
     with caplog.at_level(logging.INFO, logger="pinet_lightning"):
         PINetModule("crowdpose", network={"backbone": SMALL, "pretrained": None,
                                           "refine_layers": 1})

@@ -62,7 +62,6 @@ def _reference_bn(x, rows, weight, bias, eps):
 
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_masked_batch_norm_statistics_by_hand(momentum):
-
     torch.manual_seed(0)
     bn = MaskedBatchNorm1d(5, eps=0.1, momentum=momentum)
     with torch.no_grad():
@@ -97,7 +96,6 @@ def test_masked_batch_norm_statistics_by_hand(momentum):
 
 
 def test_masked_batch_norm_without_affine_or_running_statistics():
-
     torch.manual_seed(1)
     x = torch.randn(5, 3, requires_grad=True)
     mask = torch.tensor([True, True, False, True, True])

@@ -244,7 +244,6 @@ def test_refine_gradient_moves_the_correction_toward_the_error():
 
 
 def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
-
     pred = torch.tensor([0.5, 2.0, 7.0])
     target = torch.zeros(3)
     one = weighted_smooth_l1(pred, target, torch.tensor([0.0, 0.5, 0.0]), BETA)
@@ -262,7 +261,6 @@ def test_weighted_smooth_l1_and_heatmap_loss_by_hand():
 
 
 def test_offset_loss_shape_errors_name_the_shapes():
-
     with pytest.raises(ValueError, match=r"offsets \(1, 4, 2, 2\), targets "
                                          r"\(1, 4, 2, 3\) and weights \(1, 4, 2, 2\) differ"):
         OffsetLoss()(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), torch.zeros(1, 4, 2, 2))

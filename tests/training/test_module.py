@@ -34,7 +34,6 @@ def small_module(**kwargs) -> PINetModule:
 
 
 def make_datamodule(synthetic_crowd):
-
     images, ann = synthetic_crowd
     split = {"images": str(images), "annotations": str(ann)}
     return PINetDataModule(codec=PINetCodec("crowdpose", input_size=INPUT), protocol="crowdpose",
@@ -108,7 +107,6 @@ def test_scheduler_drops_lr_at_epoch_milestones():
 
 
 def test_hparams_plain_and_defaults():
-
     layout = {"name": "tiny", "names": ["a", "b", "c"], "flip_index": [1, 0, 2],
               "sigmas": [0.1, 0.1, 0.1], "parts": {"top": [2], "pair": [0, 1]},
               "skeleton": [[0, 2], [1, 2]]}

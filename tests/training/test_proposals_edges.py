@@ -9,7 +9,6 @@ from pinet_lightning.training.proposals import gather_at_cells, sample_proposals
 
 
 def test_default_proposal_cap_is_40_and_shape_errors():
-
     part = torch.zeros(1, 1, 8, 8)
     part[0, 0, :6, :] = torch.rand(6, 8) + 0.1  # 48 positive cells
     weights = torch.zeros(1, 1 * 2 * 2, 8, 8)
