@@ -83,6 +83,20 @@ def test_bad_settings_name_the_field(kwargs, message):
         PINetCodec(**kwargs)
 
 
+def test_for_network_takes_the_networks_frame():
+    net = SimpleNamespace(layout=get_layout("coco"), output_stride=8,
+                          convention=get_convention("published"))
+    assert PINetCodec.for_network(net) == PINetCodec("coco", output_stride=8,
+                                                     convention="published")
+    # overrides win over the network's fields and fill the others
+    assert PINetCodec.for_network(net, input_size=128, convention="cell_center") == PINetCodec(
+        "coco", input_size=128, output_stride=8, convention="cell_center")
+    # a network without a stride or a convention: the defaults (4, cell_center)
+    assert PINetCodec.for_network(SimpleNamespace(layout="ochuman")) == PINetCodec("ochuman")
+    with pytest.raises(ValueError, match=r"codec.output_stride=3 must divide"):
+        PINetCodec.for_network(SimpleNamespace(layout="coco", output_stride=3))
+
+
 def test_from_dict_refuses_an_unknown_field():
     with pytest.raises(ValueError, match="unknown codec fields"):
         PINetCodec.from_dict({"input_sise": 64})
